@@ -1,0 +1,36 @@
+"""talkedit: visual dubbing with the audio-conditioned diffusion model of Bigioi et al. 2023.
+
+The public API is imported lazily, so that `talkedit --help` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "weights",
+    "import_checkpoint": "weights",
+    "UNet": "unet",
+    "UNetConfig": "unet",
+    "DiffusionConfig": "diffusion",
+    "NoiseSchedule": "diffusion",
+    "sample_frames": "diffusion",
+    "TalkeditError": "errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from .diffusion import DiffusionConfig, NoiseSchedule, sample_frames
+    from .errors import TalkeditError
+    from .unet import UNet, UNetConfig
+    from .weights import import_checkpoint, load_model
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,41 @@
+"""Helpers shared by the tests: where ../shared is, a tiny model config, small tensor utilities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from talkedit.unet import UNet, UNetConfig
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+
+# Small enough to sample 100 steps in a second on a CPU, yet with every kind of block (attention, up/down).
+TINY = UNetConfig(
+    image_size=32, base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
+    head_channels=32, audio_frames=4, audio_bins=8,
+)
+
+
+def fixture_path(name: str) -> Path:
+    path = FIXTURES / name
+    if not path.is_file():
+        pytest.fail(f"missing {path}: the tests need ../shared beside the repository")
+    return path
+
+
+def strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("denoise_fn."): v for k, v in tensors.items() if k.startswith("denoise_fn.")}
+
+
+def random_tiny_model(seed: int = 0) -> UNet:
+    """A tiny UNet whose output layers are not zero, so that its output depends on every input."""
+    torch.manual_seed(seed)
+    model = UNet(TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5 / max(1, p[0].numel()) ** 0.5 if p.dim() > 1 else 0.05)
+    return model.eval()

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from talkedit.diffusion import (
+    DiffusionConfig,
+    NoiseSchedule,
+    StepInfo,
+    ddim_step,
+    ddpm_step,
+    sample_frames,
+)
+
+from .common import TINY, random_tiny_model
+
+# Our name -> the official buffer name in the sampler fixture.
+BUFFERS = {
+    "alpha_bar": "gammas",
+    "sqrt_recip_alpha_bar": "sqrt_recip_gammas",
+    "sqrt_recipm1_alpha_bar": "sqrt_recipm1_gammas",
+    "posterior_log_variance": "posterior_log_variance_clipped",
+    "posterior_mean_coef1": "posterior_mean_coef1",
+    "posterior_mean_coef2": "posterior_mean_coef2",
+}
+
+
+@pytest.mark.parametrize(("phase", "steps"), [("train", 1000), ("infer", 100)])
+def test_cosine_schedule_reproduces_the_official_buffers(sampler_reference, phase, steps):
+    schedule = NoiseSchedule.cosine(steps)
+    torch.testing.assert_close(schedule.betas, sampler_reference[f"schedule.{phase}.betas_f64"], atol=1e-12, rtol=0)
+    for ours, theirs in BUFFERS.items():
+        torch.testing.assert_close(
+            getattr(schedule, ours), sampler_reference[f"schedule.{phase}.{theirs}"], atol=1e-7, rtol=0
+        )
+
+
+def test_infer_schedule_is_the_train_curve_sampled_coarser():
+    """ᾱ of the 100-step schedule at t is the 1000-step one at 10t+9, except at the clamped last step."""
+    train, infer = NoiseSchedule.cosine(1000), NoiseSchedule.cosine(100)
+    torch.testing.assert_close(infer.alpha_bar[:99], train.alpha_bar[9:990:10], rtol=1e-5, atol=0)
+
+
+# The fixture's steps; tolerances from fixtures/README.md (step 99 amplifies ε errors ×2000 before the clamp).
+@pytest.mark.parametrize(("t", "atol"), [(99, 1e-3), (50, 1e-5), (0, 1e-5)])
+def test_ddpm_step_reproduces_the_official_sampler(sampler_reference, reference_unet, t, atol):
+    ref = sampler_reference
+    schedule = NoiseSchedule.cosine(100)
+    y0, mask = ref["input.y0"], ref["input.mask"]
+    y_t = ref[f"step{t}.input.y_t"]
+    x = torch.cat([y_t, ref["input.previous_frame"], ref["input.id_frame"]], dim=1)
+    with torch.no_grad():
+        eps = reference_unet(x, schedule.alpha_bar[t].reshape(1, 1), ref["input.audio"])
+    y_prev, _ = ddpm_step(schedule, y_t, eps, t, ref[f"step{t}.input.noise"])
+    torch.testing.assert_close(y_prev, ref[f"step{t}.output.p_sample"], atol=atol, rtol=0)
+    masked = y0 * (1 - mask) + mask * y_prev
+    torch.testing.assert_close(masked, ref[f"step{t}.output.y_prev_masked"], atol=atol, rtol=0)
+
+
+def test_ddim_with_eta_one_is_the_ddpm_step_at_every_step():
+    schedule = NoiseSchedule.cosine(100)
+    g = torch.Generator().manual_seed(0)
+    for t in range(100):
+        x_t, eps, noise = (torch.randn(2, 3, 16, 16, generator=g) * 1.5 for _ in range(3))
+        ddpm, x0_ddpm = ddpm_step(schedule, x_t, eps, t, noise)
+        ddim, x0_ddim = ddim_step(schedule, x_t, eps, t, noise, eta=1.0)
+        torch.testing.assert_close(ddim, ddpm, atol=2e-6, rtol=0, msg=f"t={t}")
+        assert torch.equal(x0_ddim, x0_ddpm)
+
+
+def test_ddim_with_eta_zero_ignores_the_noise():
+    schedule = NoiseSchedule.cosine(20)
+    x_t, eps = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    a, _ = ddim_step(schedule, x_t, eps, 10, torch.randn(1, 3, 8, 8), eta=0.0)
+    b, _ = ddim_step(schedule, x_t, eps, 10, torch.randn(1, 3, 8, 8), eta=0.0)
+    assert torch.equal(a, b)
+
+
+def test_last_step_returns_the_clamped_prediction():
+    schedule = NoiseSchedule.cosine(100)
+    x_t, eps = torch.randn(1, 3, 8, 8) * 3, torch.randn(1, 3, 8, 8)
+    for step in (ddpm_step, ddim_step):
+        x_prev, x0 = step(schedule, x_t, eps, 0, torch.randn(1, 3, 8, 8))
+        torch.testing.assert_close(x_prev, x0, atol=1e-6, rtol=0)
+        assert x_prev.abs().max() <= 1
+
+
+def frame_inputs(batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    size = TINY.image_size
+    y0 = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+    mask = torch.zeros(batch, 1, size, size)
+    mask[:, :, size // 2 :, 8:24] = 1
+    previous = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+    identity = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+    audio = torch.rand(batch, TINY.audio_frames, TINY.audio_bins, generator=g) * -80
+    return y0, mask, previous, identity, audio
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_frame_sampler_keeps_known_pixels_and_fills_the_mask(sampler):
+    model = random_tiny_model()
+    y0, mask, previous, identity, audio = frame_inputs()
+    out = sample_frames(model, y0, mask, previous, identity, audio, sampler=sampler, steps=10)
+    assert out.shape == y0.shape and out.dtype == torch.float32
+    keep = mask.expand_as(y0) == 0
+    assert torch.equal(out[keep], y0[keep])
+    assert (out[~keep] - y0[~keep]).abs().mean() > 0.05
+    assert out.abs().max() <= 1
+
+
+def test_frame_sampler_is_reproducible_from_its_generator():
+    model = random_tiny_model()
+    inputs = frame_inputs()
+
+    def run(seed: int) -> torch.Tensor:
+        return sample_frames(model, *inputs, steps=8, eta=0.5, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_frame_sampler_ddim_eta_one_matches_ddpm_over_the_full_schedule():
+    model = random_tiny_model()
+    inputs = frame_inputs()
+    ddpm = sample_frames(model, *inputs, sampler="ddpm", steps=100, generator=torch.Generator().manual_seed(3))
+    ddim = sample_frames(model, *inputs, sampler="ddim", steps=100, eta=1.0, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ddim, ddpm, atol=1e-4, rtol=0)
+
+
+def test_frame_sampler_chains_depend_on_their_own_conditioning():
+    """Changing chain 0's audio changes chain 0 and leaves chain 1 alone."""
+    model = random_tiny_model()
+    y0, mask, previous, identity, audio = frame_inputs()
+    other_audio = audio.clone()
+    other_audio[0] = audio[0].flip(-1)
+    a = sample_frames(model, y0, mask, previous, identity, audio, steps=6)
+    b = sample_frames(model, y0, mask, previous, identity, other_audio, steps=6)
+    assert not torch.allclose(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=0)
+
+
+def test_frame_sampler_reports_every_step():
+    model = random_tiny_model()
+    seen: list[StepInfo] = []
+    out = sample_frames(model, *frame_inputs(), steps=5, callback=seen.append)
+    assert [s.step for s in seen] == [1, 2, 3, 4, 5]
+    assert [s.t for s in seen] == [4, 3, 2, 1, 0]
+    assert all(s.total == 5 for s in seen)
+    assert torch.equal(seen[-1].x, out)
+
+
+def test_frame_sampler_uses_the_models_defaults():
+    model = random_tiny_model()
+    model.diffusion = DiffusionConfig(sampler="ddpm", steps=7)
+    seen: list[StepInfo] = []
+    sample_frames(model, *frame_inputs(), callback=seen.append)
+    assert len(seen) == 7
+
+
+def test_fp16_on_cpu_warns_once_and_runs_fp32():
+    model = random_tiny_model()
+    inputs = frame_inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        half = sample_frames(model, *inputs, steps=3, fp16=True)
+    assert len([w for w in caught if "fp16" in str(w.message)]) == 1
+    full = sample_frames(model, *inputs, steps=3, fp16=False)
+    assert torch.equal(half, full)
+
+
+def test_frame_sampler_rejects_mismatched_batches():
+    model = random_tiny_model()
+    y0, mask, previous, identity, audio = frame_inputs()
+    with pytest.raises(ValueError, match="audio has batch 1"):
+        sample_frames(model, y0, mask, previous, identity, audio[:1], steps=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fp16_sampling_is_close_to_cpu_fp32():
+    model = random_tiny_model()
+    inputs = frame_inputs()
+    cpu = sample_frames(model, *inputs, steps=10, generator=torch.Generator().manual_seed(0))
+    gpu = sample_frames(model.cuda(), *inputs, steps=10, generator=torch.Generator().manual_seed(0))
+    assert gpu.device.type == "cuda"
+    assert (gpu.cpu() - cpu).abs().max() < 5e-2
