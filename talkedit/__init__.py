@@ -21,7 +21,17 @@ _EXPORTS = {
     "TalkeditError": "errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "DiffusionConfig",
+    "NoiseSchedule",
+    "TalkeditError",
+    "UNet",
+    "UNetConfig",
+    "__version__",
+    "import_checkpoint",
+    "load_model",
+    "sample_frames",
+]
 
 if TYPE_CHECKING:
     from .diffusion import DiffusionConfig, NoiseSchedule, sample_frames

@@ -32,7 +32,7 @@ SAMPLERS: tuple[Sampler, ...] = ("ddpm", "ddim")
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The noise schedule a model was trained with and the sampler defaults that go with it (stored with the weights)."""
+    """The noise schedule a model was trained with and the sampler defaults that go with it (saved with weights)."""
 
     schedule: str = "cosine"  # the only schedule the official code trains with
     cosine_s: float = 0.008  # offset s of Nichol & Dhariwal's cosine schedule

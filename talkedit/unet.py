@@ -144,9 +144,7 @@ class ResBlock(ConditionedBlock):
             nn.Dropout(dropout),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
-        self.skip_connection = (
-            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
-        )
+        self.skip_connection = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.up:

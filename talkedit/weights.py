@@ -350,7 +350,8 @@ def import_checkpoint(
         raise CheckpointError(
             f"{src}: not a DiffusionVideoEditing multi-speaker checkpoint: {len(missing)} expected keys missing"
             + (f" (e.g. {missing[0]})" if missing else "")
-            + f", {len(extra)} unexpected" + (f" (e.g. {extra[0]})" if extra else "")
+            + f", {len(extra)} unexpected"
+            + (f" (e.g. {extra[0]})" if extra else "")
             + "."
         )
     for key, tensor in params.items():

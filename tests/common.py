@@ -15,8 +15,14 @@ FIXTURES = SHARED / "fixtures"
 
 # Small enough to sample 100 steps in a second on a CPU, yet with every kind of block (attention, up/down).
 TINY = UNetConfig(
-    image_size=32, base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
-    head_channels=32, audio_frames=4, audio_bins=8,
+    image_size=32,
+    base_channels=32,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(16,),
+    head_channels=32,
+    audio_frames=4,
+    audio_bins=8,
 )
 
 

@@ -8,6 +8,10 @@ from talkedit.unet import UNet, UNetConfig, noise_level_embedding
 from .common import SHARED, TINY, random_tiny_model, strip_prefix
 
 
+def model_inputs(reference: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [reference[k] for k in ("input.x", "input.noise_level", "input.audio")]
+
+
 def official_keys() -> dict[str, list[int]]:
     keys = {}
     for line in (SHARED / "spec" / "dve-unet-keys.txt").read_text().splitlines():
@@ -26,7 +30,7 @@ def test_state_dict_matches_the_official_key_table():
 
 def test_forward_reproduces_the_official_unet(unet_reference, reference_unet):
     with torch.no_grad():
-        out = reference_unet(unet_reference["input.x"], unet_reference["input.noise_level"], unet_reference["input.audio"])
+        out = reference_unet(*model_inputs(unet_reference))
     torch.testing.assert_close(out, unet_reference["output"], atol=1e-4, rtol=1e-4)
 
 
@@ -35,7 +39,7 @@ def test_head_channels_is_a_real_setting(unet_reference):
     model = UNet(UNetConfig(head_channels=32))
     model.load_state_dict(strip_prefix(unet_reference), strict=True)
     with torch.no_grad():
-        out = model.eval()(unet_reference["input.x"], unet_reference["input.noise_level"], unet_reference["input.audio"])
+        out = model.eval()(*model_inputs(unet_reference))
     assert (out - unet_reference["output"]).abs().max() > 1e-3
 
 
@@ -85,7 +89,7 @@ def test_fp16_autocast_on_cuda_stays_close_to_fp32(unet_reference, reference_une
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     model = reference_unet.to("cuda")
-    inputs = [unet_reference[k].cuda() for k in ("input.x", "input.noise_level", "input.audio")]
+    inputs = [t.cuda() for t in model_inputs(unet_reference)]
     with torch.no_grad():
         fp32 = model(*inputs)
         with torch.autocast("cuda", dtype=torch.float16):
