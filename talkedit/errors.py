@@ -19,3 +19,11 @@ class WeightsError(TalkeditError):
 
 class CheckpointError(WeightsError):
     """An official DiffusionVideoEditing checkpoint could not be imported."""
+
+
+class MediaError(TalkeditError):
+    """A video or audio file cannot be read or written, or lacks what talkedit needs."""
+
+
+class NoFaceError(TalkeditError):
+    """No usable face was found in the video."""
