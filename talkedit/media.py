@@ -212,12 +212,17 @@ def probe_audio(path: str | os.PathLike) -> AudioInfo:
 
 
 def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode the first audio stream to mono float32 at `sample_rate`. Returns (samples,) in [-1, 1]."""
+    """Decode the first audio stream to mono float32 at `sample_rate`. Returns (samples,) in [-1, 1].
+
+    Several channels are averaged (as librosa's to_mono does); ffmpeg's own mono downmix would scale by 1/√2 per
+    channel instead. Layouts beyond stereo are first folded to stereo by ffmpeg.
+    """
     path = Path(path)
-    args = ffmpeg.input(str(path)).output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate)
+    channels = 1 if probe_audio(path).channels == 1 else 2
+    args = ffmpeg.input(str(path)).output("pipe:", format="f32le", acodec="pcm_f32le", ac=channels, ar=sample_rate)
     args = args.global_args("-map", "0:a:0", "-v", "error").get_args()
     proc = _run(args, path, "decoding the audio")
-    return np.frombuffer(proc.stdout, dtype=np.float32).copy()
+    return np.frombuffer(proc.stdout, dtype=np.float32).reshape(-1, channels).mean(axis=1, dtype=np.float32)
 
 
 class _StderrTail(threading.Thread):

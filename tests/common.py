@@ -45,3 +45,21 @@ def random_tiny_model(seed: int = 0) -> UNet:
         for p in model.parameters():
             p.normal_(0, 0.5 / max(1, p[0].numel()) ** 0.5 if p.dim() > 1 else 0.05)
     return model.eval()
+
+
+MEDIA = SHARED / "media"
+VIDEO = MEDIA / "video"
+AUDIO = MEDIA / "audio"
+LANDMARKER = SHARED / "models" / "face_landmarker.task"
+
+# A 128 px model small enough to dub a clip in seconds on a CPU (random weights: it draws noise in the mouth).
+TINY_128 = UNetConfig(
+    base_channels=32, channel_mults=(1, 1, 1, 1), num_res_blocks=1, attention_resolutions=(), head_channels=32
+)
+
+
+def media(name: str) -> Path:
+    path = VIDEO / name if (VIDEO / name).exists() else AUDIO / name
+    if not path.is_file():
+        pytest.fail(f"missing {path}: the tests need ../shared/media beside the repository")
+    return path

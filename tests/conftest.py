@@ -27,3 +27,27 @@ def reference_unet(unet_reference) -> UNet:
     model = UNet()
     model.load_state_dict(strip_prefix(unet_reference), strict=True)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def talkedit_home(tmp_path_factory):
+    """A talkedit cache holding the face landmarker (from ../shared/models) and a tiny 128 px model.
+
+    Sets TALKEDIT_HOME for the session. Yields (home, tiny model path).
+    """
+    import shutil
+
+    from talkedit.diffusion import DiffusionConfig
+    from talkedit.weights import save_weights
+
+    from .common import LANDMARKER, TINY_128
+
+    home = tmp_path_factory.mktemp("talkedit-home")
+    shutil.copy(LANDMARKER, home / "face-landmarker.task")
+    torch.manual_seed(0)
+    model = UNet(TINY_128)
+    tiny = home / "tiny-random.safetensors"
+    save_weights(tiny, model.state_dict(), TINY_128, DiffusionConfig(steps=2), {"source": "random weights, tests"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TALKEDIT_HOME", str(home))
+        yield home, tiny

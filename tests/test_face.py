@@ -1,0 +1,110 @@
+"""Face geometry: mask parity with the official code, alignment, tracking, paste-back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from talkedit.face import (
+    CROP_SIZE,
+    FaceChoice,
+    crop_face,
+    crop_mask,
+    find_cuts,
+    jaw_mask,
+    paste_face,
+    similarity_transform,
+    to_crop,
+    track_face,
+)
+
+from .common import fixture_path
+
+
+@pytest.fixture(scope="module")
+def mask_reference():
+    return load_file(fixture_path("dve_mask_reference.safetensors"))
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_jaw_mask_reproduces_the_official_mask(mask_reference, case):
+    points = mask_reference["output.landmarks68_px"][case]
+    mask = jaw_mask(tuple(points[1]), tuple(points[15]))
+    np.testing.assert_array_equal(mask, mask_reference["output.mask"][case])
+
+
+def test_crop_mask_truncates_crop_coordinates_like_the_official_code(mask_reference):
+    """Landmarks given in crop pixels with the identity alignment give the fixture's mask."""
+    for case in range(5):
+        landmarks = np.zeros((478, 2), np.float32)
+        landmarks[:468] = mask_reference["input.landmarks_norm"][case, :, :2] * CROP_SIZE
+        identity = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+        np.testing.assert_array_equal(crop_mask(landmarks, identity), mask_reference["output.mask"][case])
+
+
+def test_similarity_transform_recovers_a_known_one():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 500, (5, 2))
+    angle, scale = 0.3, 0.4
+    matrix = np.array(
+        [[scale * np.cos(angle), -scale * np.sin(angle), 12], [scale * np.sin(angle), scale * np.cos(angle), -7]]
+    )
+    np.testing.assert_allclose(similarity_transform(src, to_crop(matrix, src)), matrix, atol=1e-9)
+
+
+def face_at(x: float, y: float, size: float) -> np.ndarray:
+    rng = np.random.default_rng(0)  # the same face shape everywhere; only its place and size change
+    return (rng.uniform(-0.5, 0.5, (478, 2)) * size + [x, y]).astype(np.float32)
+
+
+def test_track_follows_the_chosen_face_and_bridges_short_gaps():
+    big, small = lambda t: face_at(100 + t, 100, 200), lambda t: face_at(600, 100, 100)  # noqa: E731
+    detections = [[small(t), big(t)] for t in range(10)]
+    detections[4] = [small(4)]  # the big face is missed for two frames
+    detections[5] = [small(5)]
+    points, track = track_face(detections, np.zeros(10, bool), FaceChoice())
+    assert (track == 0).all()
+    np.testing.assert_allclose(points[4].mean(axis=0), big(4).mean(axis=0), atol=1.0)  # interpolated
+    _, track = track_face(detections, np.zeros(10, bool), FaceChoice(rank=2))
+    assert (track == 0).all()
+    _, track = track_face(detections, np.zeros(10, bool), FaceChoice(point=(620.0, 90.0)))
+    assert (track == 0).all()
+
+
+def test_long_gaps_and_cuts_end_the_track():
+    detections = [[face_at(100, 100, 200)] for _ in range(20)]
+    for t in range(5, 12):
+        detections[t] = []
+    cuts = np.zeros(20, bool)
+    cuts[16] = True
+    _, track = track_face(detections, cuts, FaceChoice())
+    assert (track[:5] == 0).all() and (track[5:12] == -1).all()
+    assert (track[12:16] == 1).all() and (track[16:] == 2).all()
+
+
+def test_cut_detection():
+    thumbs = np.zeros((6, 32, 32), np.uint8)
+    thumbs[3:] = 200
+    thumbs[1] = 5
+    assert find_cuts(thumbs).tolist() == [False, False, False, True, False, False]
+
+
+def test_paste_changes_only_the_mask_region():
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    matrix = np.array([[0.5, 0.05, -40.0], [-0.05, 0.5, -20.0]])
+    crop = crop_face(frame, matrix)
+    mask = np.zeros((CROP_SIZE, CROP_SIZE), np.uint8)
+    mask[70:, 30:100] = 1
+    generated = np.full_like(crop, 255)
+    out = paste_face(frame, generated, mask, matrix)
+    changed = np.any(out != frame, axis=2)
+    ys, xs = np.nonzero(changed)
+    crop_xy = to_crop(matrix, np.stack([xs + 0.5, ys + 0.5], axis=1))
+    # Every changed pixel maps into the mask grown by the dilation + feather margin.
+    assert crop_xy[:, 0].min() > 30 - 6 and crop_xy[:, 0].max() < 100 + 6 and crop_xy[:, 1].min() > 70 - 6
+    # Deep inside the mask the generated crop is pasted as is.
+    inside = to_crop(np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))[:2], np.array([[65.0, 100.0]]))[0].astype(int)
+    assert (out[inside[1], inside[0]] >= 250).all()
+    assert changed.sum() > 1000
