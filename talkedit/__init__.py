@@ -19,23 +19,30 @@ _EXPORTS = {
     "NoiseSchedule": "diffusion",
     "sample_frames": "diffusion",
     "TalkeditError": "errors",
+    "dub": "pipeline",
+    "preprocess": "pipeline",
+    "DubOptions": "pipeline",
 }
 
 __all__ = [
     "DiffusionConfig",
+    "DubOptions",
     "NoiseSchedule",
     "TalkeditError",
     "UNet",
     "UNetConfig",
     "__version__",
+    "dub",
     "import_checkpoint",
     "load_model",
+    "preprocess",
     "sample_frames",
 ]
 
 if TYPE_CHECKING:
     from .diffusion import DiffusionConfig, NoiseSchedule, sample_frames
     from .errors import TalkeditError
+    from .pipeline import DubOptions, dub, preprocess
     from .unet import UNet, UNetConfig
     from .weights import import_checkpoint, load_model
 

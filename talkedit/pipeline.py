@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 from . import __version__
-from .errors import MediaError, NoFaceError, TalkeditError
+from .errors import MediaError, NoFaceError, TalkeditError, WeightsError
 from .face import CROP_SIZE, FaceChoice, alignments, crop_face, crop_mask, find_cuts, paste_face, thumbnail, track_face
 from .media import VideoInfo, VideoWriter, check_output_path, iter_frames, probe_audio, probe_video, read_audio
 
@@ -86,7 +86,10 @@ def landmarker_path() -> tuple[Path, str | None]:
 
     _, entries = read_manifest()
     entry = entries["face-landmarker"]
-    return cache_dir() / entry.cache_name, entry.sha256
+    path = cache_dir() / entry.cache_name
+    if not path.is_file():
+        raise WeightsError(f"the face landmarker model is not in the cache; download {entry.url} to {path}.")
+    return path, entry.sha256
 
 
 def preprocess(
