@@ -18,11 +18,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from . import __version__
+
+if TYPE_CHECKING:
+    import torch
 from .errors import MediaError, NoFaceError, TalkeditError, WeightsError
 from .face import CROP_SIZE, FaceChoice, alignments, crop_face, crop_mask, find_cuts, paste_face, thumbnail, track_face
 from .media import VideoInfo, VideoWriter, check_output_path, iter_frames, probe_audio, probe_video, read_audio
@@ -288,8 +291,6 @@ def dub(
     Inputs are checked before any model is loaded: a missing file, a file without the needed stream, a silent or empty
     speech, an output equal to an input or in an unwritable place all raise a TalkeditError and write nothing.
     """
-    import torch
-
     from .audio import SAMPLE_RATE, check_speech, frame_windows, mel_spectrogram
     from .weights import resolve_weights_path
 
@@ -310,6 +311,7 @@ def dub(
     fit_choice = options.fit
     if fit_choice is not None and fit_choice not in FITS:
         raise TalkeditError(f"--fit {fit_choice!r}: choose one of {', '.join(FITS)}.")
+    device = _check_device(options.device)
     weights_path = resolve_weights_path(_model_name(options.model))
     stages["check"] = time.perf_counter() - started
 
@@ -328,10 +330,8 @@ def dub(
     t = time.perf_counter()
     from .weights import build_model, read_weights
 
-    device = torch.device(options.device) if options.device else None
-    model = build_model(read_weights(weights_path))
-    model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    batch = options.batch or (16 if next(model.parameters()).is_cuda else 1)
+    model = build_model(read_weights(weights_path)).to(device)
+    batch = options.batch or (16 if device.type == "cuda" else 1)
     generated = _generate(model, analysis, src, windows, chains(src, analysis.track, batch), batch, options, progress)
     stages["generate"] = time.perf_counter() - t
 
@@ -360,6 +360,21 @@ def dub(
         seconds=time.perf_counter() - started,
         stage_seconds=stages,
     )
+
+
+def _check_device(name: str | None) -> torch.device:
+    """The torch device to sample on; a device that is not there is a user error, not a crash."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TalkeditError(f"--device {name!r}: not a device name; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise TalkeditError(f"--device {name}: no such CUDA device here; use --device cpu.")
+    return device
 
 
 def _model_name(model: str) -> str:
