@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "weights",
-    "import_checkpoint": "weights",
+    "import_checkpoint": "checkpoint",
     "UNet": "unet",
     "UNetConfig": "unet",
     "DiffusionConfig": "diffusion",
@@ -40,11 +40,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .checkpoint import import_checkpoint
     from .diffusion import DiffusionConfig, NoiseSchedule, sample_frames
     from .errors import TalkeditError
     from .pipeline import DubOptions, dub, preprocess
     from .unet import UNet, UNetConfig
-    from .weights import import_checkpoint, load_model
+    from .weights import load_model
 
 
 def __getattr__(name: str):

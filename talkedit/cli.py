@@ -1,12 +1,16 @@
 """The `talkedit` command line: thin commands over the library.
 
-Exit codes: 0 done, 1 a problem with the user's input or files (one red line on stderr), 2 bad usage.
-Library modules (and torch) are imported inside the commands, so `talkedit --help` stays instant.
+Exit codes: 0 done, 1 a problem with the user's input, files or model files (one red line on stderr), 2 bad usage.
+Library modules (and torch) are imported inside the commands, so `talkedit --help` stays instant. Progress and messages
+go to stderr; `--json` puts a machine-readable summary on stdout.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional, TypeVar
@@ -19,7 +23,8 @@ from .errors import TalkeditError
 
 app = typer.Typer(
     name="talkedit",
-    help="Visual dubbing: make a talking-head video follow new speech.",
+    help="Visual dubbing: make a talking-head video follow new speech.\n\n"
+    "Exit codes: 0 done, 1 a problem with an input, output or model file, 2 a usage error.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -63,54 +68,44 @@ def _root(
     """Visual dubbing: make a talking-head video follow new speech."""
 
 
-@app.command("import-weights")
-@reports_errors
-def import_weights(
-    checkpoint: Annotated[Path, typer.Argument(help="Official checkpoint, e.g. 735_Network.pth.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The talkedit weights file to write.")],
-    ema: Annotated[
-        bool, typer.Option("--ema/--no-ema", help="Convert the EMA weights (the official inference uses the raw ones).")
-    ] = False,
-    head_channels: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option(min=1, help="Channels per attention head; 64 in the released config, 32 in the paper."),
-    ] = None,
-) -> None:
-    """Convert an official DiffusionVideoEditing checkpoint into a talkedit weights file.
-
-    Example: [bold]talkedit import-weights 735_Network.pth -o dve-multispeaker.safetensors[/]
-    """
-    from .weights import import_checkpoint
-
-    written = import_checkpoint(checkpoint, output, ema=ema, head_channels=head_channels)
-    params = sum(t.numel() for t in written.state_dict.values())
-    kind = "EMA" if written.provenance["ema"] else "raw"
-    stderr.print(
-        f"Wrote [bold]{output}[/] ({params:,} parameters, {kind} weights from {written.provenance['source_file']}, "
-        f"head channels {written.unet_config.head_channels})",
-        highlight=False,
-        soft_wrap=True,
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Options shared by `dub` and `preprocess`, declared once.
+# Options shared by several commands, declared once.
 
 FaceOption = Annotated[
     Optional[str],  # noqa: UP045
-    typer.Option(
-        "--face",
-        help="Which face to edit: its size rank (1 = largest, the default) or a point 'x,y' in pixels near it.",
-    ),
+    typer.Option(help="Which face to edit: its size rank (1 = largest, the default) or a point 'x,y' in pixels."),
 ]
 AnalysisDirOption = Annotated[
     Optional[Path],  # noqa: UP045
-    typer.Option("--analysis-dir", help="Where the face analysis is cached (default: the talkedit cache)."),
+    typer.Option("--analysis-dir", help="Where the face analysis is cached (default: in the talkedit cache)."),
 ]
+CacheDirOption = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--cache-dir", help="Keep model files (and analyses) here (default: $TALKEDIT_HOME or ~/.cache/talkedit)."
+    ),
+]
+OfflineOption = Annotated[
+    bool, typer.Option("--offline", help="Never download: use only verified files already in the cache.")
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary; errors only.")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage does.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
+
+
+def _setup(cache_dir: Path | None, quiet: bool, verbose: bool) -> None:
+    """Apply the options every command shares."""
+    if cache_dir is not None:
+        os.environ["TALKEDIT_HOME"] = str(cache_dir.expanduser().resolve())
+    if verbose and not quiet:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=stderr, show_path=False, show_time=False)
+        logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
 
 
 class StageProgress:
-    """A rich progress bar per pipeline stage, on stderr."""
+    """A rich progress bar per pipeline stage (and per download), on stderr. Silent when quiet."""
 
     LABELS = {
         "analyse": "Finding the face",
@@ -119,7 +114,7 @@ class StageProgress:
         "write": "Writing the video",
     }
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -129,6 +124,7 @@ class StageProgress:
             TimeRemainingColumn,
         )
 
+        self.quiet = quiet
         self.progress = Progress(
             TextColumn("{task.description:<22}"),
             BarColumn(),
@@ -137,15 +133,17 @@ class StageProgress:
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=stderr,
-            transient=False,
         )
         self.tasks: dict[str, int] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
         if not self.tasks:
             self.progress.start()  # only once there is something to show: an early error prints alone
         if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(self.LABELS.get(stage, stage), total=total)
+            label = self.LABELS.get(stage, stage.replace("download ", "Downloading "))
+            self.tasks[stage] = self.progress.add_task(label, total=total)
         self.progress.update(self.tasks[stage], completed=done, total=max(total, done))
 
     def __enter__(self) -> StageProgress:
@@ -154,6 +152,10 @@ class StageProgress:
     def __exit__(self, *exc) -> None:
         if self.tasks:
             self.progress.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
 
 
 @app.command()
@@ -194,16 +196,23 @@ def dub(
     ] = None,
     crf: Annotated[int, typer.Option(min=0, max=51, help="x264 quality, lower is better (default 18).")] = 18,
     analysis_dir: AnalysisDirOption = None,
+    cache_dir: CacheDirOption = None,
+    offline: OfflineOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Make the face in VIDEO speak SPEECH.
 
-    The output is as long as the speech, with the speech as its sound track. Only the lower face changes.
+    The output is as long as the speech, with the speech as its sound track. Only the lower face changes. Model
+    files are downloaded on first use (unless --offline) and verified every time.
 
     Example: [bold]talkedit dub input.mp4 speech.wav -o out.mp4[/]
     """
     from .pipeline import DubOptions
     from .pipeline import dub as run_dub
 
+    _setup(cache_dir, quiet, verbose)
     if sampler not in ("ddim", "ddpm"):
         raise TalkeditError(f"--sampler {sampler!r}: choose ddim or ddpm.")
     output = output or Path(f"{video.stem}.dubbed.mp4")
@@ -219,16 +228,28 @@ def dub(
         batch=batch,
         crf=crf,
         analysis_dir=str(analysis_dir) if analysis_dir else None,
+        offline=offline or None,
     )
-    with StageProgress() as progress:
+    with StageProgress(quiet) as progress:
         result = run_dub(video, speech, output, options, progress=progress)
-    stderr.print(
-        f"[bold green]Done[/] in {result.seconds:.1f} s: {result.frames_written} frames written, "
-        f"{result.frames_generated} with a generated mouth, {result.frames_passed_through} passed through.\n"
-        f"Output: [bold]{result.output}[/]",
-        highlight=False,
-        soft_wrap=True,
-    )
+    if as_json:
+        summary = {
+            "output": str(result.output),
+            "frames_written": result.frames_written,
+            "frames_generated": result.frames_generated,
+            "frames_passed_through": result.frames_passed_through,
+            "seconds": round(result.seconds, 3),
+            "stage_seconds": {k: round(v, 3) for k, v in result.stage_seconds.items()},
+        }
+        typer.echo(json.dumps(summary))
+    if not quiet:
+        stderr.print(
+            f"[bold green]Done[/] in {result.seconds:.1f} s: {result.frames_written} frames written, "
+            f"{result.frames_generated} with a generated mouth, {result.frames_passed_through} passed through.\n"
+            f"Output: [bold]{result.output}[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -237,9 +258,14 @@ def preprocess(
     video: Annotated[Path, typer.Argument(help="Video of the person talking.")],
     output_dir: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option("--output-dir", "-o", help="Cache the analysis here (default: the talkedit cache)."),
+        typer.Option("--output-dir", "-o", help="Cache the analysis here (default: in the talkedit cache)."),
     ] = None,
     face: FaceOption = None,
+    cache_dir: CacheDirOption = None,
+    offline: OfflineOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Find, track and crop the face in VIDEO, and cache the result for `dub`.
 
@@ -249,12 +275,146 @@ def preprocess(
     """
     from .pipeline import preprocess as run_preprocess
 
-    with StageProgress() as progress:
-        analysis = run_preprocess(video, face=face, output_dir=output_dir, progress=progress)
+    _setup(cache_dir, quiet, verbose)
+    with StageProgress(quiet) as progress:
+        analysis = run_preprocess(video, face=face, output_dir=output_dir, offline=offline or None, progress=progress)
     tracked = int(analysis.tracked.sum())
+    preview = analysis.directory / "preview.png"
+    if as_json:
+        summary = {
+            "frames": analysis.frame_count,
+            "frames_tracked": tracked,
+            "analysis_dir": str(analysis.directory),
+            "preview": str(preview),
+        }
+        typer.echo(json.dumps(summary))
+    if not quiet:
+        stderr.print(
+            f"{analysis.frame_count} frames, face tracked in {tracked}.\nPreview: [bold]{preview}[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@app.command("download-weights")
+@reports_errors
+def download_weights(
+    names: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Argument(help="Entries of weights.toml to fetch (default: what `dub` needs)."),
+    ] = None,
+    manifest: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Use this weights.toml instead of the one shipped with talkedit."),
+    ] = None,
+    list_: Annotated[bool, typer.Option("--list", help="Show every entry and whether it is cached and valid.")] = False,
+    from_file: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--from", help="Install a file you downloaded by hand (checked against its entry)."),
+    ] = None,
+    cache_dir: CacheDirOption = None,
+    offline: OfflineOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Fetch model files into the cache and verify them (sha256 and size).
+
+    Hub files come through huggingface_hub (HF_ENDPOINT, HF_HOME, HF_TOKEN, HF_HUB_OFFLINE apply); URL files resume
+    where an interrupted download stopped. A damaged cached file is fetched again.
+
+    Examples: [bold]talkedit download-weights[/], [bold]talkedit download-weights --list[/],
+    [bold]talkedit download-weights dve-multispeaker --from MultiSpeaker_Cremad_Epoch_735.zip[/]
+    """
+    from .download import check_cached, ensure, install_from
+    from .weights import read_manifest
+
+    _setup(cache_dir, quiet, verbose)
+    default, entries = read_manifest(manifest)
+    if list_:
+        _print_entries(entries, default, check_cached)
+        return
+    names = names or [n for n in (default, "face-landmarker") if n]
+    unknown = [n for n in names if n not in entries]
+    if unknown:
+        raise TalkeditError(f"unknown entry {unknown[0]!r}; known: {', '.join(sorted(entries))}.")
+    if from_file is not None:
+        if len(names) != 1:
+            raise TalkeditError("--from installs one file: name its entry, e.g. `download-weights NAME --from FILE`.")
+        path, warning = install_from(entries[names[0]], from_file)
+        if warning:
+            stderr.print(f"[bold yellow]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
+        if not quiet:
+            stderr.print(f"{names[0]}: installed and verified at {path}", highlight=False, soft_wrap=True)
+        return
+    failures = []
+    with StageProgress(quiet) as progress:
+        for name in names:
+            try:
+                path = ensure(
+                    entries[name],
+                    offline=offline or None,
+                    progress=lambda n, done, total: progress(f"download {n}", done, total or done),
+                )
+            except TalkeditError as exc:
+                failures.append(exc)
+                continue
+            if not quiet:
+                stderr.print(f"{name}: verified, {path}", highlight=False, soft_wrap=True)
+    for exc in failures[:-1]:
+        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    if failures:
+        raise failures[-1]
+
+
+def _print_entries(entries, default, check_cached) -> None:
+    from rich.table import Table
+
+    table = Table(title="weights.toml", title_justify="left")
+    for column in ("name", "source", "size", "licence", "cache"):
+        table.add_column(column)
+    for name, entry in entries.items():
+        status = check_cached(entry)
+        state = {
+            "valid": "[green]valid[/]" + (" (hash recorded, unverified)" if status.unverified else ""),
+            "missing": "not cached",
+            "damaged": "[red]damaged[/]",
+            "unrecorded": "[red]unverifiable[/]",
+        }[status.state]
+        source = "hub" if entry.repo else "url" if entry.url else "by hand"
+        size = f"{entry.size / 1e6:.1f} MB" if entry.size else "?"
+        label = f"{name} (default)" if name == default else name
+        table.add_row(label, source, size, entry.license, state)
+    Console().print(table)
+
+
+@app.command("import-weights")
+@reports_errors
+def import_weights(
+    checkpoint: Annotated[Path, typer.Argument(help="Official checkpoint, e.g. 735_Network.pth.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The talkedit weights file to write.")],
+    ema: Annotated[
+        bool, typer.Option("--ema/--no-ema", help="Convert the EMA weights (the official inference uses the raw ones).")
+    ] = False,
+    head_channels: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Channels per attention head; 64 in the released config, 32 in the paper."),
+    ] = None,
+) -> None:
+    """Convert an official DiffusionVideoEditing checkpoint into a talkedit weights file.
+
+    To install the official model into the cache, prefer `talkedit download-weights dve-multispeaker --from FILE`,
+    which converts it and records its hash.
+
+    Example: [bold]talkedit import-weights 735_Network.pth -o dve-multispeaker.safetensors[/]
+    """
+    from .checkpoint import import_checkpoint
+
+    written = import_checkpoint(checkpoint, output, ema=ema, head_channels=head_channels)
+    params = sum(t.numel() for t in written.state_dict.values())
+    kind = "EMA" if written.provenance["ema"] else "raw"
     stderr.print(
-        f"{analysis.frame_count} frames, face tracked in {tracked}.\n"
-        f"Preview: [bold]{analysis.directory / 'preview.png'}[/]",
+        f"Wrote [bold]{output}[/] ({params:,} parameters, {kind} weights from {written.provenance['source_file']}, "
+        f"head channels {written.unet_config.head_channels})",
         highlight=False,
         soft_wrap=True,
     )

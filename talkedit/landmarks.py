@@ -7,14 +7,11 @@ This is the only module that imports mediapipe (lazily). Landmarks are pixel coo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-
-from .errors import WeightsError
 
 NUM_LANDMARKS = 478
 MAX_FACES = 4  # faces looked for in every frame; the target is chosen among them
@@ -24,14 +21,6 @@ class FaceDetector(Protocol):
     def detect(self, frame: np.ndarray, timestamp_ms: int) -> list[np.ndarray]:
         """frame: (H, W, 3) uint8 RGB. Returns one (478, 2) float32 pixel-coordinate array per face found."""
         ...
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -50,15 +39,9 @@ def _quiet_stderr():
 class MediaPipeDetector:
     """MediaPipe Tasks FaceLandmarker in VIDEO running mode (frames must come with increasing timestamps)."""
 
-    def __init__(self, model_path: str | os.PathLike, sha256: str | None = None, max_faces: int = MAX_FACES) -> None:
+    def __init__(self, model_path: str | os.PathLike, max_faces: int = MAX_FACES) -> None:
+        """model_path: a verified face_landmarker.task (see `download.ensure`)."""
         model_path = Path(model_path)
-        if not model_path.is_file():
-            raise WeightsError(f"{model_path}: face landmarker model not found; run `talkedit download-weights`.")
-        if sha256 is not None and (actual := file_sha256(model_path)) != sha256:
-            raise WeightsError(
-                f"{model_path}: sha256 {actual} does not match the expected {sha256}; "
-                "delete the file and fetch it again."
-            )
         os.environ.setdefault("GLOG_minloglevel", "2")  # mediapipe's C++ logging would flood the terminal
         import mediapipe as mp
         from mediapipe.tasks.python import BaseOptions

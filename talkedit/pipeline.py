@@ -23,18 +23,18 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from . import __version__
+from .errors import MediaError, NoFaceError, TalkeditError
+from .face import CROP_SIZE, FaceChoice, alignments, crop_face, crop_mask, find_cuts, paste_face, thumbnail, track_face
+from .media import VideoInfo, VideoWriter, check_output_path, iter_frames, probe_audio, probe_video, read_audio
 
 if TYPE_CHECKING:
     import torch
-from .errors import MediaError, NoFaceError, TalkeditError, WeightsError
-from .face import CROP_SIZE, FaceChoice, alignments, crop_face, crop_mask, find_cuts, paste_face, thumbnail, track_face
-from .media import VideoInfo, VideoWriter, check_output_path, iter_frames, probe_audio, probe_video, read_audio
 
 ANALYSIS_VERSION = 1  # bump when pass 1 or 2 changes what they compute, so old caches are not reused
 Fit = Literal["pingpong", "loop", "hold", "trim"]
 FITS: tuple[Fit, ...] = ("pingpong", "loop", "hold", "trim")
 
-# progress(stage, done, total): stage is one of "analyse", "crop", "generate", "write".
+# progress(stage, done, total): stage is "download NAME", "analyse", "crop", "generate" or "write".
 Progress = Callable[[str, int, int], None]
 
 
@@ -83,16 +83,20 @@ def default_analysis_root() -> Path:
     return cache_dir() / "analysis"
 
 
-def landmarker_path() -> tuple[Path, str | None]:
-    """The FaceLandmarker model file in the cache and its pinned sha256 (weights.toml entry `face-landmarker`)."""
-    from .weights import cache_dir, read_manifest
+def landmarker_path(offline: bool | None = None, progress: Progress = _no_progress) -> Path:
+    """The verified FaceLandmarker model (weights.toml entry `face-landmarker`), fetched on first use."""
+    from .download import ensure
+    from .weights import read_manifest
 
     _, entries = read_manifest()
-    entry = entries["face-landmarker"]
-    path = cache_dir() / entry.cache_name
-    if not path.is_file():
-        raise WeightsError(f"the face landmarker model is not in the cache; download {entry.url} to {path}.")
-    return path, entry.sha256
+    return ensure(entries["face-landmarker"], offline=offline, progress=_download_stage(progress))
+
+
+def _download_stage(progress: Progress):
+    def report(name: str, done: int, total: int | None) -> None:
+        progress(f"download {name}", done, total or done)
+
+    return report
 
 
 def preprocess(
@@ -100,11 +104,13 @@ def preprocess(
     *,
     face: FaceChoice | str | None = None,
     output_dir: str | os.PathLike | None = None,
+    offline: bool | None = None,
     progress: Progress = _no_progress,
 ) -> Analysis:
     """Analyse a video (faces, track, alignments, masks, crops) and cache the result by content.
 
-    A second call with the same file (under any name) and face choice returns the cached analysis at once.
+    A second call with the same file (under any name) and face choice returns the cached analysis at once. The face
+    landmarker model is fetched on first use unless `offline` (default: HF_HUB_OFFLINE).
     """
     info = probe_video(video)
     choice = face if isinstance(face, FaceChoice) else _parse_face(face)
@@ -116,9 +122,8 @@ def preprocess(
 
     from .landmarks import MediaPipeDetector
 
-    model, sha256 = landmarker_path()
     detections, thumbs = [], []
-    with MediaPipeDetector(model, sha256) as detector:
+    with MediaPipeDetector(landmarker_path(offline, progress)) as detector:
         for i, frame in enumerate(iter_frames(info)):
             detections.append(detector.detect(frame, int(i * 1000 / info.fps)))
             thumbs.append(thumbnail(frame))
@@ -217,7 +222,7 @@ def contact_sheet(analysis: Analysis, columns: int = 4, rows: int = 4) -> np.nda
 class DubOptions:
     """How `dub` runs. None means the model's or the machine's default."""
 
-    model: str = "default"  # a name from weights.toml ("default" = its default) or a weights file path
+    model: str = "default"  # a name from weights.toml ("default" = its default model) or a weights file path
     sampler: str | None = None  # "ddim" or "ddpm" (default: the model's, DDIM)
     steps: int | None = None  # sampling steps per frame (default: the model's, 50)
     seed: int = 0  # the same seed gives the same video
@@ -228,6 +233,7 @@ class DubOptions:
     batch: int | None = None  # chains sampled per UNet call (default: 16 on CUDA, 1 on CPU)
     crf: int = 18  # x264 quality of the output
     analysis_dir: str | None = None  # where preprocess caches (default: the talkedit cache)
+    offline: bool | None = None  # never download model files (default: the HF_HUB_OFFLINE environment variable)
 
 
 @dataclass
@@ -292,7 +298,7 @@ def dub(
     speech, an output equal to an input or in an unwritable place all raise a TalkeditError and write nothing.
     """
     from .audio import SAMPLE_RATE, check_speech, frame_windows, mel_spectrogram
-    from .weights import resolve_weights_path
+    from .weights import build_model, read_weights, resolve_weights_path
 
     options = options or DubOptions()
     started = time.perf_counter()
@@ -312,12 +318,16 @@ def dub(
     if fit_choice is not None and fit_choice not in FITS:
         raise TalkeditError(f"--fit {fit_choice!r}: choose one of {', '.join(FITS)}.")
     device = _check_device(options.device)
-    weights_path = resolve_weights_path(_model_name(options.model))
+    weights_path = resolve_weights_path(options.model, offline=options.offline, progress=_download_stage(progress))
+    weights = read_weights(weights_path)
+    _check_model_fits(weights.unet_config, weights_path)
     stages["check"] = time.perf_counter() - started
 
     # 2. Analysis (cached).
     t = time.perf_counter()
-    analysis = preprocess(video, face=options.face, output_dir=options.analysis_dir, progress=progress)
+    analysis = preprocess(
+        video, face=options.face, output_dir=options.analysis_dir, offline=options.offline, progress=progress
+    )
     stages["analyse"] = time.perf_counter() - t
 
     # 3. Timeline and audio windows.
@@ -328,9 +338,7 @@ def dub(
 
     # 4. Sample.
     t = time.perf_counter()
-    from .weights import build_model, read_weights
-
-    model = build_model(read_weights(weights_path)).to(device)
+    model = build_model(weights).to(device)
     batch = options.batch or (16 if device.type == "cuda" else 1)
     generated = _generate(model, analysis, src, windows, chains(src, analysis.track, batch), batch, options, progress)
     stages["generate"] = time.perf_counter() - t
@@ -362,6 +370,18 @@ def dub(
     )
 
 
+def _check_model_fits(config, path: Path) -> None:
+    """The pipeline feeds 128 px crops and 4 x 256 mel windows; a model built for other inputs cannot dub."""
+    from .audio import N_MELS, WINDOW_FRAMES
+
+    wanted = (CROP_SIZE, 9, WINDOW_FRAMES, N_MELS)
+    if (config.image_size, config.in_channels, config.audio_frames, config.audio_bins) != wanted:
+        raise TalkeditError(
+            f"{path}: this model takes {config.image_size} px crops and {config.audio_frames}x{config.audio_bins} "
+            f"audio windows; dubbing needs {CROP_SIZE} px and {WINDOW_FRAMES}x{N_MELS}. Use a model made for talkedit."
+        )
+
+
 def _check_device(name: str | None) -> torch.device:
     """The torch device to sample on; a device that is not there is a user error, not a crash."""
     import torch
@@ -375,15 +395,6 @@ def _check_device(name: str | None) -> torch.device:
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise TalkeditError(f"--device {name}: no such CUDA device here; use --device cpu.")
     return device
-
-
-def _model_name(model: str) -> str:
-    if model != "default":
-        return model
-    from .weights import read_manifest
-
-    default, _ = read_manifest()
-    return default or model
 
 
 def _generate(model, analysis, src, windows, chain_list, batch, options, progress) -> list[np.ndarray | None]:

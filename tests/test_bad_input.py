@@ -136,3 +136,26 @@ def test_bad_options_are_one_line_errors(talkedit_home, tmp_path):
     assert result.exit_code == 1 and "--device cuda:7" in result.output
     result = runner.invoke(app, [*args, "--device", "toaster"])
     assert result.exit_code == 1 and "--device 'toaster'" in result.output
+
+
+def test_a_model_for_other_inputs_is_refused_before_the_analysis(tmp_path):
+    from talkedit.diffusion import DiffusionConfig
+    from talkedit.unet import UNet
+    from talkedit.weights import save_weights
+
+    from .common import TINY
+
+    small = tmp_path / "small.safetensors"
+    save_weights(small, UNet(TINY).state_dict(), TINY, DiffusionConfig(), {})
+    args = [
+        "dub",
+        str(media(GOOD_VIDEO)),
+        str(media(GOOD_SPEECH)),
+        "-o",
+        str(tmp_path / "o.mp4"),
+        "--model",
+        str(small),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "takes 32 px crops" in result.output
+    assert "Finding the face" not in result.output

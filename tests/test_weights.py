@@ -16,10 +16,11 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import talkedit
+from talkedit.checkpoint import SCHEDULE_BUFFERS, import_checkpoint
 from talkedit.cli import app
 from talkedit.diffusion import DiffusionConfig
 from talkedit.errors import CheckpointError, WeightsError
-from talkedit.weights import SCHEDULE_BUFFERS, import_checkpoint, read_manifest, read_weights, save_weights
+from talkedit.weights import read_manifest, read_weights, save_weights
 
 from .common import TINY, random_tiny_model
 
@@ -128,16 +129,29 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_model_names_resolve_through_the_manifest_to_the_cache(tmp_path, monkeypatch):
+def test_model_names_resolve_through_the_manifest_to_the_cache(official_dir, tmp_path, monkeypatch, unet_reference):
+    from talkedit.download import install_from
+
     monkeypatch.setenv("TALKEDIT_HOME", str(tmp_path))
     default, entries = read_manifest()
     assert default in entries
-    with pytest.raises(WeightsError, match="import-weights") as missing:
+    with pytest.raises(WeightsError, match="--from FILE") as missing:
         talkedit.load_model(default)
-    assert str(tmp_path) in str(missing.value)
-    model = random_tiny_model()
-    save_weights(tmp_path / f"{default}.safetensors", model.state_dict(), TINY, DiffusionConfig(), {})
-    assert talkedit.load_model(default, device="cpu").config == TINY
+    assert "not in the cache" in str(missing.value)
+    # A file put in the cache by hand is not trusted: nothing records what it should be.
+    import_checkpoint(official_dir / "735_Network.pth", tmp_path / f"{default}.safetensors")
+    with pytest.raises(WeightsError, match="no hash to verify it against"):
+        talkedit.load_model(default)
+    installed, warning = install_from(entries[default], official_dir / "735_Network.pth")
+    assert "no published hash" in warning and sha256(official_dir / "735_Network.pth") in warning
+    model = talkedit.load_model(default, device="cpu")
+    torch.testing.assert_close(forward(model, unet_reference), unet_reference["output"], atol=1e-4, rtol=1e-4)
+    # Every load re-checks the file: a changed byte is caught.
+    data = bytearray(installed.read_bytes())
+    data[-1] ^= 1
+    installed.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="damaged or tampered"):
+        talkedit.load_model(default, offline=True)
 
 
 def test_unknown_names_and_missing_paths_are_clear_errors(tmp_path):
