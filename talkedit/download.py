@@ -14,6 +14,7 @@ plain HTTP(S) downloads that resume where an interrupted one stopped. This is th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from pathlib import Path
 from . import __version__
 from .errors import WeightsError
 from .weights import WeightsEntry, cache_dir, file_sha256, first_line
+
+log = logging.getLogger("talkedit")
 
 # progress(name, bytes done, bytes total or None)
 DownloadProgress = Callable[[str, int, "int | None"], None]
@@ -115,6 +118,7 @@ def ensure(
     """The path of the entry's verified cached file, fetching (or re-fetching a damaged one) unless offline."""
     offline = offline_from_env() if offline is None else offline
     status = check_cached(entry, root)
+    log.info("%s: %s in the cache (%s)", entry.name, status.state, status.path)
     if status.valid:
         return status.path
     if not (entry.url or entry.repo):
@@ -154,6 +158,7 @@ def fetch(
     """Download an entry, verify it against the manifest and install it in the cache. Returns the installed path."""
     root = root or cache_dir()
     partial = _partial_dir(root)
+    log.info("fetching %s from %s", entry.name, f"{entry.repo}@{entry.revision}" if entry.repo else entry.url)
     if entry.repo:
         downloaded = _download_hub(entry, partial / entry.name, progress, timeout)
     else:

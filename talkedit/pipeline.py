@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -29,6 +30,8 @@ from .media import VideoInfo, VideoWriter, check_output_path, iter_frames, probe
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("talkedit")
 
 ANALYSIS_VERSION = 1  # bump when pass 1 or 2 changes what they compute, so old caches are not reused
 Fit = Literal["pingpong", "loop", "hold", "trim"]
@@ -116,8 +119,11 @@ def preprocess(
     choice = face if isinstance(face, FaceChoice) else _parse_face(face)
     root = Path(output_dir) if output_dir is not None else default_analysis_root()
     directory = root / content_key(info.path, choice)
+    log.info("%s: %dx%d, %s fps%s, about %d frames", info.path, info.width, info.height, info.fps,
+             " (variable, normalised)" if info.variable_frame_rate else "", info.frame_count)  # fmt: skip
     cached = _load_analysis(directory, info)
     if cached is not None:
+        log.info("analysis found in the cache: %s", directory)
         return cached
 
     from .landmarks import MediaPipeDetector
@@ -136,6 +142,7 @@ def preprocess(
         hint = f"--face {choice.rank} is not among the faces found" if found else "no face was found in any frame"
         raise NoFaceError(f"{info.path}: {hint}; give a video where the speaker's face is visible.")
     matrices = alignments(points, track)
+    log.info("face tracked in %d of %d frames (%d tracks)", (track >= 0).sum(), len(track), track.max() + 1)
 
     total = len(track)
     crops = np.zeros((total, CROP_SIZE, CROP_SIZE, 3), np.uint8)
@@ -334,13 +341,17 @@ def dub(
     num_output = max(1, round(len(wav) / SAMPLE_RATE * info.fps))
     fit: Fit = fit_choice or ("trim" if num_output <= analysis.frame_count else "pingpong")
     src = source_indices(num_output, analysis.frame_count, fit)
+    log.info("speech %.2f s -> %d output frames from %d source frames (fit: %s)",
+             len(wav) / SAMPLE_RATE, num_output, analysis.frame_count, fit)  # fmt: skip
     windows = frame_windows(mel_spectrogram(wav), num_output, info.fps)
 
     # 4. Sample.
     t = time.perf_counter()
     model = build_model(weights).to(device)
     batch = options.batch or (16 if device.type == "cuda" else 1)
-    generated = _generate(model, analysis, src, windows, chains(src, analysis.track, batch), batch, options, progress)
+    chain_list = chains(src, analysis.track, batch)
+    log.info("model %s on %s; %d chains, %d at a time", weights_path, device, len(chain_list), batch)
+    generated = _generate(model, analysis, src, windows, chain_list, batch, options, progress)
     stages["generate"] = time.perf_counter() - t
 
     # 5. Paste and encode.
