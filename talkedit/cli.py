@@ -195,6 +195,10 @@ def dub(
         typer.Option(min=1, help="Chains sampled together (default: 16 on CUDA, 1 on CPU)."),
     ] = None,
     crf: Annotated[int, typer.Option(min=0, max=51, help="x264 quality, lower is better (default 18).")] = 18,
+    preview: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Also write a PNG strip of crops: the source above, the dubbed result below."),
+    ] = None,
     analysis_dir: AnalysisDirOption = None,
     cache_dir: CacheDirOption = None,
     offline: OfflineOption = False,
@@ -229,6 +233,7 @@ def dub(
         crf=crf,
         analysis_dir=str(analysis_dir) if analysis_dir else None,
         offline=offline or None,
+        preview=str(preview) if preview else None,
     )
     with StageProgress(quiet) as progress:
         result = run_dub(video, speech, output, options, progress=progress)

@@ -241,6 +241,7 @@ class DubOptions:
     crf: int = 18  # x264 quality of the output
     analysis_dir: str | None = None  # where preprocess caches (default: the talkedit cache)
     offline: bool | None = None  # never download model files (default: the HF_HUB_OFFLINE environment variable)
+    preview: str | None = None  # also write a before/after strip of crops (PNG) here
 
 
 @dataclass
@@ -324,6 +325,8 @@ def dub(
     fit_choice = options.fit
     if fit_choice is not None and fit_choice not in FITS:
         raise TalkeditError(f"--fit {fit_choice!r}: choose one of {', '.join(FITS)}.")
+    if fit_choice == "trim":  # the probe's frame count is an estimate; the exact check follows the analysis
+        source_indices(round(len(wav) / SAMPLE_RATE * info.fps), info.frame_count + 1, "trim")
     device = _check_device(options.device)
     weights_path = resolve_weights_path(options.model, offline=options.offline, progress=_download_stage(progress))
     weights = read_weights(weights_path)
@@ -370,6 +373,10 @@ def dub(
         writer.close()
     stages["write"] = time.perf_counter() - t
 
+    if options.preview:
+        from .media import write_image
+
+        write_image(options.preview, before_after(analysis, src, generated))
     frames_generated = sum(g is not None for g in generated)
     return DubResult(
         output=output,
@@ -379,6 +386,17 @@ def dub(
         seconds=time.perf_counter() - started,
         stage_seconds=stages,
     )
+
+
+def before_after(analysis: Analysis, src: np.ndarray, generated: list, columns: int = 8) -> np.ndarray:
+    """A strip of aligned crops across the output: the source above, the dubbed result below. (256, 128 n, 3) uint8."""
+    frames = [j for j, g in enumerate(generated) if g is not None]
+    picks = [frames[k] for k in np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int)]
+    if not picks:
+        return np.zeros((2 * CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    top = np.concatenate([analysis.crops[src[j]] for j in picks], axis=1)
+    bottom = np.concatenate([generated[j] for j in picks], axis=1)
+    return np.concatenate([top, bottom], axis=0)
 
 
 def _check_model_fits(config, path: Path) -> None:

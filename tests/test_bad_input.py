@@ -136,6 +136,10 @@ def test_bad_options_are_one_line_errors(talkedit_home, tmp_path):
     assert result.exit_code == 1 and "--device cuda:7" in result.output
     result = runner.invoke(app, [*args, "--device", "toaster"])
     assert result.exit_code == 1 and "--device 'toaster'" in result.output
+    long_speech = str(media("en_male_jfk_speech_44k1_stereo_24bit.flac"))  # 11 s against a 3 s video
+    result = runner.invoke(app, ["dub", str(media(GOOD_VIDEO)), long_speech, "-o", str(tmp_path / "o.mp4"),
+                                 "--model", str(tiny), "--fit", "trim"])  # fmt: skip
+    assert result.exit_code == 1 and "--fit trim" in result.output and "Finding the face" not in result.output
 
 
 def test_a_model_for_other_inputs_is_refused_before_the_analysis(tmp_path):

@@ -75,9 +75,13 @@ def test_json_summaries_and_quiet(talkedit_home, tmp_path):
     summary = json.loads(proc.stdout)
     assert summary["frames"] == 75 and summary["frames_tracked"] == 75 and summary["preview"].endswith("preview.png")
     out = tmp_path / "out.mp4"
+    strip = tmp_path / "strip.png"
     proc = run_cli("dub", str(video), str(speech), "-o", str(out), "--model", str(tiny), "--steps", "1", "--json", "-q",
-                   env=env)  # fmt: skip
+                   "--preview", str(strip), env=env)  # fmt: skip
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["output"] == str(out) and summary["frames_written"] == 44 and out.is_file()
     assert summary["frames_generated"] + summary["frames_passed_through"] == 44
+    png = strip.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (8 * 128, 2 * 128)
