@@ -91,11 +91,9 @@ def check_cached(entry: WeightsEntry, root: Path | None = None) -> CacheStatus:
         unverified = not record.get("source_verified", False)
     else:
         expected, size, unverified = entry.sha256, entry.size, False
-    if size is not None and path.stat().st_size != size:
-        return CacheStatus(entry, path, "damaged", f"size {path.stat().st_size}", expected, unverified)
     actual = file_sha256(path)
-    state = "valid" if actual == expected else "damaged"
-    return CacheStatus(entry, path, state, actual, expected, unverified)
+    intact = actual == expected and (size is None or path.stat().st_size == size)
+    return CacheStatus(entry, path, "valid" if intact else "damaged", actual, expected, unverified)
 
 
 def damaged_message(status: CacheStatus) -> str:
