@@ -26,7 +26,7 @@ import numpy as np
 from . import __version__
 from .errors import MediaError, NoFaceError, TalkeditError
 from .face import CROP_SIZE, FaceChoice, alignments, crop_face, crop_mask, find_cuts, paste_face, thumbnail, track_face
-from .media import VideoInfo, VideoWriter, check_output_path, iter_frames, probe_audio, probe_video, read_audio
+from .media import VideoInfo, VideoWriter, check_output_path, iter_frames, probe_video, read_audio
 
 if TYPE_CHECKING:
     import torch
@@ -72,12 +72,10 @@ class Analysis:
 
 def content_key(path: Path, choice: FaceChoice) -> str:
     """Cache key: the file's bytes, the face choice and the analysis version (not the file's name)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    digest.update(json.dumps({"face": asdict(choice), "version": ANALYSIS_VERSION}).encode())
-    return digest.hexdigest()[:32]
+    from .weights import file_sha256
+
+    key = json.dumps({"content": file_sha256(path), "face": asdict(choice), "version": ANALYSIS_VERSION})
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def default_analysis_root() -> Path:
@@ -319,8 +317,7 @@ def dub(
             raise MediaError(f"{path}: no such file; check the {what} path.")
     output = check_output_path(output, video, speech)
     info = probe_video(video)
-    probe_audio(speech)
-    wav = read_audio(speech)
+    wav = read_audio(speech)  # probes it first: a file without sound is refused there
     check_speech(wav, speech)
     fit_choice = options.fit
     if fit_choice is not None and fit_choice not in FITS:
@@ -415,8 +412,10 @@ def _check_device(name: str | None) -> torch.device:
     """The torch device to sample on; a device that is not there is a user error, not a crash."""
     import torch
 
+    from .weights import default_device
+
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,12 @@ def media(name: str) -> Path:
     if not path.is_file():
         pytest.fail(f"missing {path}: the tests need ../shared/media beside the repository")
     return path
+
+
+def run_talkedit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it (HF_HUB_OFFLINE from the caller's shell is dropped)."""
+    exe = Path(sys.executable).with_name("talkedit")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "talkedit"]
+    inherited = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    full_env = {**inherited, "COLUMNS": "300", **(env or {})}
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=full_env, timeout=300)

@@ -8,6 +8,8 @@ from typer.testing import CliRunner
 import talkedit
 from talkedit.cli import app
 
+from .common import run_talkedit
+
 runner = CliRunner()
 
 
@@ -35,18 +37,6 @@ def test_usage_errors_exit_2():
     assert result.exit_code == 2
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The installed console script, as a user runs it."""
-    import os
-    from pathlib import Path
-
-    exe = Path(sys.executable).with_name("talkedit")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "talkedit"]
-    return subprocess.run(
-        [*cmd, *args], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200", **(env or {})}
-    )
-
-
 def test_every_command_has_help_with_an_example():
     for command in ("dub", "preprocess", "download-weights", "import-weights"):
         result = runner.invoke(app, [command, "--help"])
@@ -54,7 +44,7 @@ def test_every_command_has_help_with_an_example():
 
 
 def test_download_weights_list_from_the_console_script(tmp_path):
-    proc = run_cli("download-weights", "--list", env={"TALKEDIT_HOME": str(tmp_path)})
+    proc = run_talkedit("download-weights", "--list", env={"TALKEDIT_HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert "face-landmarker" in proc.stdout and "dve-multispeaker" in proc.stdout and "not cached" in proc.stdout
 
@@ -70,14 +60,14 @@ def test_json_summaries_and_quiet(talkedit_home, tmp_path):
         media("grid_swiz3n_black_male_360x288_25fps.mpg"),
         media("en_short_voice_recording_22k05_mono_1.8s.m4a"),
     )
-    proc = run_cli("preprocess", str(video), "--json", "--quiet", env=env)
+    proc = run_talkedit("preprocess", str(video), "--json", "--quiet", env=env)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["frames"] == 75 and summary["frames_tracked"] == 75 and summary["preview"].endswith("preview.png")
     out = tmp_path / "out.mp4"
     strip = tmp_path / "strip.png"
-    proc = run_cli("dub", str(video), str(speech), "-o", str(out), "--model", str(tiny), "--steps", "1", "--json", "-q",
-                   "--preview", str(strip), env=env)  # fmt: skip
+    args = ["-o", str(out), "--model", str(tiny), "--steps", "1", "--json", "-q", "--preview", str(strip)]
+    proc = run_talkedit("dub", str(video), str(speech), *args, env=env)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["output"] == str(out) and summary["frames_written"] == 44 and out.is_file()

@@ -4,9 +4,6 @@ for a plain URL source. Nothing here touches the internet."""
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +18,7 @@ from talkedit.errors import WeightsError
 from talkedit.unet import UNet
 from talkedit.weights import WeightsEntry, read_manifest, save_weights
 
-from .common import LANDMARKER, TINY
+from .common import LANDMARKER, TINY, run_talkedit
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -143,14 +140,6 @@ license = "MIT"
     return path
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("talkedit")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "talkedit"]
-    inherited = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    full_env = {**inherited, "COLUMNS": "400", **(env or {})}
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=full_env, timeout=120)
-
-
 def test_download_weights_end_to_end(tmp_path, server, tiny_weights):
     """The issue's acceptance: hub + URL entries from 127.0.0.1, cache hit with the server down, a tampered file
     refused offline with its hash named, repaired online, and a URL file whose manifest hash is wrong refused."""
@@ -163,7 +152,7 @@ def test_download_weights_end_to_end(tmp_path, server, tiny_weights):
     args = ["download-weights", "--manifest", str(manifest), "--cache-dir", str(cache)]
 
     # 1. Fresh download of both.
-    first = cli(*args, env=env)
+    first = run_talkedit(*args, env=env)
     assert first.returncode == 0, first.stderr
     assert (cache / "tiny.safetensors").read_bytes() == tiny_weights
     assert (cache / "face-landmarker.task").read_bytes() == landmarker
@@ -171,7 +160,7 @@ def test_download_weights_end_to_end(tmp_path, server, tiny_weights):
 
     # 2. Cache hit with the server stopped.
     server.stop()
-    again = cli(*args, env=env)
+    again = run_talkedit(*args, env=env)
     assert again.returncode == 0, again.stderr
     assert "verified" in again.stderr
 
@@ -180,7 +169,7 @@ def test_download_weights_end_to_end(tmp_path, server, tiny_weights):
     data[100] ^= 0xFF
     (cache / "tiny.safetensors").write_bytes(bytes(data))
     tampered_sha = hashlib.sha256(data).hexdigest()
-    offline = cli(*args, "tiny", "--offline", env=env)
+    offline = run_talkedit(*args, "tiny", "--offline", env=env)
     assert offline.returncode == 1
     assert tampered_sha in offline.stderr and hashlib.sha256(tiny_weights).hexdigest() in offline.stderr
     assert "download-weights tiny" in offline.stderr and "Traceback" not in offline.stderr
@@ -188,14 +177,14 @@ def test_download_weights_end_to_end(tmp_path, server, tiny_weights):
     # 4. Repaired once the server is back.
     server.start()
     env["HF_ENDPOINT"] = server.url
-    repaired = cli(*args, "tiny", env=env)
+    repaired = run_talkedit(*args, "tiny", env=env)
     assert repaired.returncode == 0, repaired.stderr
     assert (cache / "tiny.safetensors").read_bytes() == tiny_weights
 
     # 5. A URL file that does not match its manifest hash is refused, and nothing valid-looking is left.
     bad_manifest = write_manifest(tmp_path, server, tiny_weights, landmarker, url_sha="0" * 64)
     other_cache = tmp_path / "other-cache"
-    refused = cli("download-weights", "face-landmarker", "--manifest", str(bad_manifest), "--cache-dir",
+    refused = run_talkedit("download-weights", "face-landmarker", "--manifest", str(bad_manifest), "--cache-dir",
                   str(other_cache), env=env)  # fmt: skip
     assert refused.returncode == 1
     assert "0" * 64 in refused.stderr and hashlib.sha256(landmarker).hexdigest() in refused.stderr

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from talkedit.diffusion import DiffusionConfig
 from talkedit.errors import CheckpointError, WeightsError
 from talkedit.weights import read_manifest, read_weights, save_weights
 
-from .common import TINY, random_tiny_model
+from .common import TINY, random_tiny_model, run_talkedit
 
 runner = CliRunner()
 
@@ -253,10 +250,7 @@ def test_console_script_prints_one_line_and_no_traceback(tmp_path):
     bad = tmp_path / "notes.pth"
     write_text(bad)
     out = tmp_path / "x.safetensors"
-    talkedit_exe = Path(sys.executable).with_name("talkedit")
-    cmd = [str(talkedit_exe)] if talkedit_exe.exists() else [sys.executable, "-m", "talkedit"]
-    env = {**os.environ, "COLUMNS": "300"}
-    proc = subprocess.run([*cmd, "import-weights", str(bad), "-o", str(out)], capture_output=True, text=True, env=env)
+    proc = run_talkedit("import-weights", str(bad), "-o", str(out))
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {bad}")
