@@ -20,7 +20,7 @@ _EXPORTS = {
     "sample_frames": "diffusion",
     "TalkeditError": "errors",
     "dub": "pipeline",
-    "preprocess": "pipeline",
+    "preprocess": "analysis",
     "DubOptions": "pipeline",
 }
 
@@ -40,10 +40,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .analysis import preprocess
     from .checkpoint import import_checkpoint
     from .diffusion import DiffusionConfig, NoiseSchedule, sample_frames
     from .errors import TalkeditError
-    from .pipeline import DubOptions, dub, preprocess
+    from .pipeline import DubOptions, dub
     from .unet import UNet, UNetConfig
     from .weights import load_model
 

@@ -278,7 +278,7 @@ def preprocess(
 
     Example: [bold]talkedit preprocess input.mp4[/]
     """
-    from .pipeline import preprocess as run_preprocess
+    from .analysis import preprocess as run_preprocess
 
     _setup(cache_dir, quiet, verbose)
     with StageProgress(quiet) as progress:

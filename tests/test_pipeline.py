@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from talkedit.analysis import preprocess
 from talkedit.cli import app
 from talkedit.face import blend_alpha, invert, to_crop
 from talkedit.media import VideoWriter, ffmpeg_exe, iter_frames, probe_video, read_audio
-from talkedit.pipeline import DubOptions, _frames_in_order, chains, dub, preprocess, source_indices
+from talkedit.pipeline import DubOptions, _frames_in_order, chains, dub, source_indices
 
 from .common import media
 

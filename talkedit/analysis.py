@@ -1,0 +1,208 @@
+"""`preprocess`: find, track and crop the face of a video, and cache the result by the video's content.
+
+    pass 1  decode -> landmarks of every face + a thumbnail per frame -> choose and track one face -> alignments, masks
+    pass 2  decode -> aligned 128x128 crops
+The cache holds the track, the per-frame alignments and masks, the crops and a contact sheet (preview.png).
+Reports progress through a callback and never prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import MediaError, NoFaceError, TalkeditError
+from .face import CROP_SIZE, FaceChoice, alignments, crop_face, crop_mask, find_cuts, thumbnail, track_face
+from .media import VideoInfo, iter_frames, probe_video
+
+log = logging.getLogger("talkedit")
+
+ANALYSIS_VERSION = 1  # bump when pass 1 or 2 changes what they compute, so old caches are not reused
+
+# progress(stage, done, total): stage is "download NAME", "analyse", "crop", "generate" or "write".
+Progress = Callable[[str, int, int], None]
+
+
+def no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+@dataclass
+class Analysis:
+    """What pass 1 and 2 learn about a video. T = frames the decoder produces."""
+
+    video: VideoInfo
+    landmarks: np.ndarray  # (T, 478, 2) float32 frame pixels, NaN where the face is not tracked
+    track: np.ndarray  # (T,) int32 track id, -1 where the face is not tracked
+    matrices: np.ndarray  # (T, 2, 3) float64 frame -> crop similarity, NaN where untracked
+    masks: np.ndarray  # (T, 128, 128) uint8 jaw masks, 1 = regenerate
+    crops: np.ndarray  # (T, 128, 128, 3) uint8 aligned crops
+    directory: Path  # where it is cached, with preview.png
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.track)
+
+    @property
+    def tracked(self) -> np.ndarray:
+        return self.track >= 0
+
+
+def content_key(path: Path, choice: FaceChoice) -> str:
+    """Cache key: the file's bytes, the face choice and the analysis version (not the file's name)."""
+    from .weights import file_sha256
+
+    key = json.dumps({"content": file_sha256(path), "face": asdict(choice), "version": ANALYSIS_VERSION})
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def default_analysis_root() -> Path:
+    from .weights import cache_dir
+
+    return cache_dir() / "analysis"
+
+
+def landmarker_path(offline: bool | None = None, progress: Progress = no_progress) -> Path:
+    """The verified FaceLandmarker model (weights.toml entry `face-landmarker`), fetched on first use."""
+    from .download import ensure
+    from .weights import read_manifest
+
+    _, entries = read_manifest()
+    return ensure(entries["face-landmarker"], offline=offline, progress=download_stage(progress))
+
+
+def download_stage(progress: Progress) -> Callable[[str, int, int | None], None]:
+    """Adapt a stage-progress callback to the download callback: downloads show as stage "download NAME"."""
+
+    def report(name: str, done: int, total: int | None) -> None:
+        progress(f"download {name}", done, total or done)
+
+    return report
+
+
+def preprocess(
+    video: str | os.PathLike,
+    *,
+    face: FaceChoice | str | None = None,
+    output_dir: str | os.PathLike | None = None,
+    offline: bool | None = None,
+    progress: Progress = no_progress,
+) -> Analysis:
+    """Analyse a video (faces, track, alignments, masks, crops) and cache the result by content.
+
+    A second call with the same file (under any name) and face choice returns the cached analysis at once. The face
+    landmarker model is fetched on first use unless `offline` (default: HF_HUB_OFFLINE).
+    """
+    info = probe_video(video)
+    choice = face if isinstance(face, FaceChoice) else _parse_face(face)
+    root = Path(output_dir) if output_dir is not None else default_analysis_root()
+    directory = root / content_key(info.path, choice)
+    log.info("%s: %dx%d, %s fps%s, about %d frames", info.path, info.width, info.height, info.fps,
+             " (variable, normalised)" if info.variable_frame_rate else "", info.frame_count)  # fmt: skip
+    cached = _load_analysis(directory, info)
+    if cached is not None:
+        log.info("analysis found in the cache: %s", directory)
+        return cached
+
+    from .landmarks import MediaPipeDetector
+
+    detections, thumbs = [], []
+    with MediaPipeDetector(landmarker_path(offline, progress)) as detector:
+        for i, frame in enumerate(iter_frames(info)):
+            detections.append(detector.detect(frame, int(i * 1000 / info.fps)))
+            thumbs.append(thumbnail(frame))
+            progress("analyse", i + 1, info.frame_count)
+    if not detections:
+        raise MediaError(f"{info.path}: no frames could be decoded; the file may be damaged.")
+    points, track = track_face(detections, find_cuts(np.stack(thumbs)), choice)
+    if not (track >= 0).any():
+        found = sum(bool(d) for d in detections)
+        hint = f"--face {choice.rank} is not among the faces found" if found else "no face was found in any frame"
+        raise NoFaceError(f"{info.path}: {hint}; give a video where the speaker's face is visible.")
+    matrices = alignments(points, track)
+    log.info("face tracked in %d of %d frames (%d tracks)", (track >= 0).sum(), len(track), track.max() + 1)
+
+    total = len(track)
+    crops = np.zeros((total, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    masks = np.zeros((total, CROP_SIZE, CROP_SIZE), np.uint8)
+    for i, frame in enumerate(iter_frames(info)):
+        if i >= total:
+            break
+        if track[i] >= 0:
+            crops[i] = crop_face(frame, matrices[i])
+            masks[i] = crop_mask(points[i], matrices[i])
+        progress("crop", i + 1, total)
+
+    analysis = Analysis(info, points, track, matrices, masks, crops, directory)
+    _save_analysis(analysis)
+    return analysis
+
+
+def _parse_face(text: str | None) -> FaceChoice:
+    try:
+        return FaceChoice.parse(text)
+    except ValueError as exc:
+        raise TalkeditError(f"--face {text!r}: {exc}; use a rank (1 = largest face) or a point 'x,y'.") from None
+
+
+def _save_analysis(analysis: Analysis) -> None:
+    """Write the cache atomically: a temporary folder renamed into place."""
+    directory = analysis.directory
+    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        np.savez(tmp / "track.npz", landmarks=analysis.landmarks, track=analysis.track, matrices=analysis.matrices)
+        np.save(tmp / "masks.npy", analysis.masks)
+        np.save(tmp / "crops.npy", analysis.crops)
+        from .media import write_image
+
+        write_image(tmp / "preview.png", contact_sheet(analysis))
+        meta = {"talkedit": __version__, "version": ANALYSIS_VERSION, "source": str(analysis.video.path)}
+        (tmp / "analysis.json").write_text(json.dumps(meta))
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MediaError(
+            f"{directory}: cannot write the analysis cache ({exc.strerror}); use another directory."
+        ) from None
+
+
+def _load_analysis(directory: Path, info: VideoInfo) -> Analysis | None:
+    try:
+        meta = json.loads((directory / "analysis.json").read_text())
+        if meta.get("version") != ANALYSIS_VERSION:
+            return None
+        with np.load(directory / "track.npz") as data:
+            landmarks, track, matrices = data["landmarks"], data["track"], data["matrices"]
+        masks = np.load(directory / "masks.npy", mmap_mode="r")
+        crops = np.load(directory / "crops.npy", mmap_mode="r")
+    except (OSError, ValueError, KeyError):
+        return None
+    return Analysis(info, landmarks, track, matrices, masks, crops, directory)
+
+
+def contact_sheet(analysis: Analysis, columns: int = 4, rows: int = 4) -> np.ndarray:
+    """A grid of aligned crops across the clip, with the jaw mask tinted red and outlined. Returns (H, W, 3) uint8."""
+    tracked = np.flatnonzero(analysis.tracked)
+    picks = tracked[np.linspace(0, len(tracked) - 1, min(len(tracked), columns * rows)).round().astype(int)]
+    sheet = np.full((rows * CROP_SIZE, columns * CROP_SIZE, 3), 32, np.uint8)
+    for n, i in enumerate(picks):
+        tile = analysis.crops[i].astype(np.float32)
+        mask = analysis.masks[i].astype(bool)
+        tile[mask] = 0.6 * tile[mask] + 0.4 * np.array([255, 0, 0])
+        edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
+        tile[edge] = [255, 64, 64]
+        r, c = divmod(n, columns)
+        sheet[r * CROP_SIZE : (r + 1) * CROP_SIZE, c * CROP_SIZE : (c + 1) * CROP_SIZE] = tile.round().astype(np.uint8)
+    return sheet
