@@ -298,6 +298,8 @@ def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> 
 class VideoWriter:
     """Encode RGB frames to H.264 (yuv420p) and mux an audio file as AAC, in one ffmpeg pass.
 
+    An odd width or height grows by one repeated column or row, since 4:2:0 chroma needs even sides.
+
     Writes to a temporary file beside `output` and renames it on `close()`; `abort()` (or an exception inside a
     `with` block) removes it, so a failed or interrupted run leaves no partial output.
     """
@@ -317,6 +319,11 @@ class VideoWriter:
         self.tmp = self.output.with_name(f".{self.output.stem}.talkedit-{os.getpid()}.partial{suffix}")
         self.width, self.height = width, height
         video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=str(fps))
+        if width % 2 or height % 2:
+            # yuv420p needs even sides: repeat the last column/row rather than fail (the only change to the picture).
+            video = video.filter("pad", width + width % 2, height + height % 2).filter(
+                "fillborders", right=width % 2, bottom=height % 2, mode="smear"
+            )
         streams = [video]
         opts = {
             "vcodec": "libx264",

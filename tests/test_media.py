@@ -137,3 +137,17 @@ def test_output_checks(tmp_path):
         check_output_path(tmp_path / "nodir" / "out.mp4", video)
     with pytest.raises(MediaError, match="is a directory"):
         check_output_path(tmp_path, video)
+
+
+def test_odd_sizes_grow_by_one_repeated_row_and_column(tmp_path):
+    out = tmp_path / "odd.mp4"
+    frame = np.zeros((33, 65, 3), np.uint8)
+    frame[:, -1] = 200  # the last column, which must be repeated, not padded with black
+    with VideoWriter(out, 65, 33, Fraction(25)) as w:
+        for _ in range(3):
+            w.write(frame)
+        w.close()
+    info = probe_video(out)
+    assert (info.width, info.height) == (66, 34)
+    decoded = next(iter_frames(info))
+    assert decoded[:, -1].mean() > 150 and decoded[-1, :10].mean() < 30
