@@ -265,3 +265,20 @@ def test_pickle_module_is_not_needed_to_refuse_code(tmp_path):
     with pytest.raises(CheckpointError, match="pickled Python objects|not a PyTorch checkpoint"):
         import_checkpoint(bad, tmp_path / "out.safetensors")
     assert not (tmp_path / "ran").exists()
+
+
+def test_download_weights_from_the_published_zip(official_dir, tmp_path):
+    """The official model arrives as a Drive zip with no published hash: installed with --from, loudly recorded."""
+    import zipfile
+
+    archive = tmp_path / "MultiSpeaker_Cremad_Epoch_735.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(official_dir / "735_Network.pth", "weights/multi-speaker_checkpoint/735_Network.pth")
+        z.write(official_dir / "735_Network_ema.pth", "weights/multi-speaker_checkpoint/735_Network_ema.pth")
+    cache = tmp_path / "cache"
+    proc = run_talkedit("download-weights", "dve-multispeaker", "--from", str(archive), "--cache-dir", str(cache))
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING" in proc.stderr and sha256(official_dir / "735_Network.pth") in proc.stderr
+    listing = run_talkedit("download-weights", "--list", "--cache-dir", str(cache))
+    assert "hash recorded, unverified" in listing.stdout
+    assert talkedit.load_model(cache / "dve-multispeaker.safetensors", device="cpu").provenance["ema"] is False
