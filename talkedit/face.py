@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .landmarks import NUM_LANDMARKS
+
 CROP_SIZE = 128  # side of the crop the model sees
 # MediaPipe indices of the points that fix the alignment: four eye corners and the nose tip (spec §11).
 STABLE_POINTS = (33, 133, 362, 263, 2)
@@ -99,7 +101,7 @@ def track_face(
     Returns (landmarks (T, 478, 2) float32, NaN where untracked; track id (T,) int32, -1 where untracked).
     """
     frames = len(detections)
-    points = np.full((frames, 478, 2), np.nan, np.float32)
+    points = np.full((frames, NUM_LANDMARKS, 2), np.nan, np.float32)
     track = np.full(frames, -1, np.int32)
     current, last, missed = -1, None, 0
     for i, faces in enumerate(detections):

@@ -9,18 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 NUM_LANDMARKS = 478
 MAX_FACES = 4  # faces looked for in every frame; the target is chosen among them
-
-
-class FaceDetector(Protocol):
-    def detect(self, frame: np.ndarray, timestamp_ms: int) -> list[np.ndarray]:
-        """frame: (H, W, 3) uint8 RGB. Returns one (478, 2) float32 pixel-coordinate array per face found."""
-        ...
 
 
 @contextlib.contextmanager

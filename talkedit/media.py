@@ -23,9 +23,9 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
+from .audio import SAMPLE_RATE
 from .errors import MediaError
 
-SAMPLE_RATE = 16000  # Hz, what the audio features are computed at
 DEFAULT_CRF = 18  # x264 quality: visually lossless for talking heads at a moderate size
 
 

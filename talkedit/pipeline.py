@@ -20,7 +20,7 @@ import numpy as np
 from .analysis import Analysis, Progress, download_stage, no_progress, preprocess
 from .errors import MediaError, TalkeditError
 from .face import CROP_SIZE, paste_face
-from .media import VideoInfo, VideoWriter, check_output_path, iter_frames, probe_video, read_audio
+from .media import DEFAULT_CRF, VideoInfo, VideoWriter, check_output_path, iter_frames, probe_video, read_audio
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +44,7 @@ class DubOptions:
     face: str | None = None  # which face: rank ("2") or point ("x,y"); default the largest
     fit: Fit | None = None  # speech longer than the video: pingpong (default), loop, hold; shorter: trim
     batch: int | None = None  # chains sampled per UNet call (default: 16 on CUDA, 1 on CPU)
-    crf: int = 18  # x264 quality of the output
+    crf: int = DEFAULT_CRF  # x264 quality of the output
     analysis_dir: str | None = None  # where preprocess caches (default: the talkedit cache)
     offline: bool | None = None  # never download model files (default: the HF_HUB_OFFLINE environment variable)
     preview: str | None = None  # also write a before/after strip of crops (PNG) here
