@@ -21,12 +21,23 @@ import numpy as np
 
 from . import __version__
 from .errors import MediaError, NoFaceError, TalkeditError
-from .face import CROP_SIZE, FaceChoice, alignments, crop_face, crop_mask, find_cuts, thumbnail, track_face
+from .face import (
+    CROP_SIZE,
+    FaceChoice,
+    alignments,
+    crop_face,
+    crop_mask,
+    face_descriptor,
+    find_cuts,
+    thumbnail,
+    track_face,
+)
 from .media import VideoInfo, iter_frames, probe_video
 
 log = logging.getLogger("talkedit")
 
-ANALYSIS_VERSION = 1  # bump when pass 1 or 2 changes what they compute, so old caches are not reused
+ANALYSIS_VERSION = 2
+MISSING_FRAMES_ALLOWED = 3  # decoded frames may fall this far short of the probe's estimate (edit lists, last GOP)
 
 # progress(stage, done, total): stage is "download NAME", "analyse", "crop", "generate" or "write".
 Progress = Callable[[str, int, int], None]
@@ -59,14 +70,14 @@ class Analysis:
 
 def content_key(path: Path, choice: FaceChoice) -> str:
     """Cache key: the file's bytes, the face choice and the analysis version (not the file's name)."""
-    from .weights import file_sha256
+    from .manifest import file_sha256
 
     key = json.dumps({"content": file_sha256(path), "face": asdict(choice), "version": ANALYSIS_VERSION})
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def default_analysis_root() -> Path:
-    from .weights import cache_dir
+    from .manifest import cache_dir
 
     return cache_dir() / "analysis"
 
@@ -74,7 +85,7 @@ def default_analysis_root() -> Path:
 def landmarker_path(offline: bool | None = None, progress: Progress = no_progress) -> Path:
     """The verified FaceLandmarker model (weights.toml entry `face-landmarker`), fetched on first use."""
     from .download import ensure
-    from .weights import read_manifest
+    from .manifest import read_manifest
 
     _, entries = read_manifest()
     return ensure(entries["face-landmarker"], offline=offline, progress=download_stage(progress))
@@ -115,20 +126,28 @@ def preprocess(
 
     from .landmarks import MediaPipeDetector
 
-    detections, thumbs = [], []
+    sar = float(info.sar)
+    detections, descriptors, thumbs = [], [], []
     with MediaPipeDetector(landmarker_path(offline, progress)) as detector:
         for i, frame in enumerate(iter_frames(info)):
-            detections.append(detector.detect(frame, int(i * 1000 / info.fps)))
+            faces = _detect(detector, frame, int(i * 1000 / info.fps), sar)
+            detections.append(faces)
+            descriptors.append([face_descriptor(frame, f) for f in faces])
             thumbs.append(thumbnail(frame))
             progress("analyse", i + 1, info.frame_count)
-    if not detections:
-        raise MediaError(f"{info.path}: no frames could be decoded; the file may be damaged.")
-    points, track = track_face(detections, find_cuts(np.stack(thumbs)), choice)
+    if len(detections) + MISSING_FRAMES_ALLOWED < info.frame_count:
+        raise MediaError(
+            f"{info.path}: only {len(detections)} of about {info.frame_count} frames could be decoded; the file may be "
+            "damaged or cut short: re-encode it (e.g. `ffmpeg -i IN -c:v libx264 -crf 16 OUT.mp4`) and try again."
+        )
+    points, track = track_face(detections, find_cuts(np.stack(thumbs)), choice, descriptors)
     if not (track >= 0).any():
         found = sum(bool(d) for d in detections)
         hint = f"--face {choice.rank} is not among the faces found" if found else "no face was found in any frame"
         raise NoFaceError(f"{info.path}: {hint}; give a video where the speaker's face is visible.")
-    matrices = alignments(points, track)
+    # Align in display geometry (non-square pixels stretched to their shape), then map stored pixels into it.
+    matrices = alignments(points * np.array([sar, 1], np.float32), track)
+    matrices[:, :, 0] *= sar
     log.info("face tracked in %d of %d frames (%d tracks)", (track >= 0).sum(), len(track), track.max() + 1)
 
     total = len(track)
@@ -145,6 +164,17 @@ def preprocess(
     analysis = Analysis(info, points, track, matrices, masks, crops, directory)
     _save_analysis(analysis)
     return analysis
+
+
+def _detect(detector, frame: np.ndarray, timestamp_ms: int, sar: float) -> list[np.ndarray]:
+    """Landmarks in stored-pixel coordinates, detected on the frame as it is displayed (non-square pixels resized)."""
+    if abs(sar - 1) < 1e-3:
+        return detector.detect(frame, timestamp_ms)
+    import cv2
+
+    height, width = frame.shape[:2]
+    shown = cv2.resize(frame, (max(1, round(width * sar)), height), interpolation=cv2.INTER_AREA)
+    return [face / np.array([sar, 1], np.float32) for face in detector.detect(shown, timestamp_ms)]
 
 
 def _parse_face(text: str | None) -> FaceChoice:

@@ -168,10 +168,13 @@ def dub(
         typer.Option("--output", "-o", help="Output video (default: VIDEO's name + .dubbed.mp4, here)."),
     ] = None,
     model: Annotated[str, typer.Option(help="Model name from weights.toml, or a weights file.")] = "default",
-    sampler: Annotated[str, typer.Option(help="ddim (fast) or ddpm (the paper's sampler).")] = "ddim",
+    sampler: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="ddim (fast) or ddpm (the paper's sampler) (default: the model's)."),
+    ] = None,
     steps: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(min=1, help="Sampling steps per frame (default: the model's; the paper uses ddpm with 100)."),
+        typer.Option(help="Sampling steps per frame (default: the model's; the paper uses ddpm with 100)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same video.")] = 0,
     device: Annotated[
@@ -217,7 +220,7 @@ def dub(
     from .pipeline import dub as run_dub
 
     _setup(cache_dir, quiet, verbose)
-    if sampler not in ("ddim", "ddpm"):
+    if sampler is not None and sampler not in ("ddim", "ddpm"):
         raise TalkeditError(f"--sampler {sampler!r}: choose ddim or ddpm.")
     output = output or Path(f"{video.stem}.dubbed.mp4")
     options = DubOptions(
@@ -247,6 +250,13 @@ def dub(
             "stage_seconds": {k: round(v, 3) for k, v in result.stage_seconds.items()},
         }
         typer.echo(json.dumps(summary))
+    if not quiet and result.frames_generated == 0:
+        stderr.print(
+            "[bold yellow]No face was tracked in the frames the output uses: nothing was generated, the picture is "
+            "the source's.[/] Check the analysis preview (`talkedit preprocess VIDEO`).",
+            highlight=False,
+            soft_wrap=True,
+        )
     if not quiet:
         stderr.print(
             f"[bold green]Done[/] in {result.seconds:.1f} s: {result.frames_written} frames written, "
@@ -331,7 +341,7 @@ def download_weights(
     [bold]talkedit download-weights dve-multispeaker --from MultiSpeaker_Cremad_Epoch_735.zip[/]
     """
     from .download import check_cached, ensure, install_from
-    from .weights import read_manifest
+    from .manifest import read_manifest
 
     _setup(cache_dir, quiet, verbose)
     default, entries = read_manifest(manifest)

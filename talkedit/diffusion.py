@@ -18,13 +18,15 @@ Images are (B, 3, S, S) float in [-1, 1]; masks (B, 1, S, S) float, 1 = regenera
 from __future__ import annotations
 
 import json
+import logging
 import math
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import torch
+
+log = logging.getLogger("talkedit")
 
 Sampler = Literal["ddpm", "ddim"]
 SAMPLERS: tuple[Sampler, ...] = ("ddpm", "ddim")
@@ -138,9 +140,11 @@ def ddpm_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One ancestral step x_t -> x_{t-1} (Ho et al. 2020, eqs. 6-7), as the official `p_sample`.
 
-    `noise` is z ~ N(0, I) shaped like x_t; no noise is added at t = 0. `eta` is ignored (it exists so that every
-    step function takes the same arguments). Returns (x_{t-1}, x̂_0).
+    `noise` is z ~ N(0, I) shaped like x_t; no noise is added at t = 0. The ancestral step is DDIM with eta = 1; any
+    other `eta` is refused rather than ignored (use `ddim_step`). Returns (x_{t-1}, x̂_0).
     """
+    if eta != 1.0:
+        raise ValueError(f"the DDPM step has eta = 1 by definition, got eta={eta}; use the DDIM sampler for other eta")
     # 1. x̂_0 from the predicted noise, clamped.
     x0_pred = predict_x0(schedule, x_t, eps, t)
     # 2. Mean of the posterior q(x_{t-1} | x_t, x̂_0) (eq. 7).
@@ -193,13 +197,17 @@ class StepInfo:
 def resolve_precision(device: torch.device, fp16: bool | None) -> torch.dtype | None:
     """The autocast dtype for sampling on `device`: fp16 on CUDA unless fp16=False; fp32 (None) elsewhere.
 
-    Asking for fp16 on a device without it warns once and falls back to fp32.
+    Asking for fp16 on a device without it falls back to fp32, said once per process in the log.
     """
     if device.type == "cuda":
         return None if fp16 is False else torch.float16
-    if fp16:
-        warnings.warn(f"fp16 is not supported on {device.type}; using fp32 instead", stacklevel=3)
+    if fp16 and device.type not in _FP16_NOTICE_GIVEN:
+        _FP16_NOTICE_GIVEN.add(device.type)
+        log.warning("fp16 is not supported on %s; using fp32 instead", device.type)
     return None
+
+
+_FP16_NOTICE_GIVEN: set[str] = set()
 
 
 @torch.inference_mode()
@@ -214,7 +222,7 @@ def sample_frames(
     sampler: Sampler | None = None,
     steps: int | None = None,
     eta: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     fp16: bool | None = None,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> torch.Tensor:
@@ -228,12 +236,15 @@ def sample_frames(
     Returns   (B, 3, S, S) float32 in [-1, 1] on the model's device; pixels outside the mask equal y0 exactly.
 
     `sampler`, `steps` and `eta` default to the model's `diffusion` config (DDIM, 50 steps). Noise comes only from
-    `generator` (a fresh one seeded 0 when None); a CPU generator gives the same noise on every device. On CUDA the
-    UNet runs under fp16 autocast unless fp16=False; on CPU it runs in fp32.
+    `generator` (a fresh one seeded 0 when None), or from one generator per frame (a sequence of B), so that each
+    chain's noise does not depend on what it is batched with; a CPU generator gives the same noise on every device.
+    On CUDA the UNet runs under fp16 autocast unless fp16=False; on CPU it runs in fp32.
     """
     config: DiffusionConfig = getattr(model, "diffusion", None) or DiffusionConfig()
     sampler = sampler or config.sampler
     steps = steps or config.steps
+    if sampler == "ddpm":  # ancestral sampling is eta = 1; the config's eta is DDIM's
+        eta = 1.0 if eta is None else eta
     eta = config.eta if eta is None else eta
     if sampler not in STEP_FUNCTIONS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -247,10 +258,15 @@ def sample_frames(
     device = next(model.parameters()).device
     autocast_dtype = resolve_precision(device, fp16)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    generators = list(generator) if isinstance(generator, Sequence) else None
+    if generators is not None and len(generators) != batch:
+        raise ValueError(f"{len(generators)} generators for a batch of {batch}")
     schedule = NoiseSchedule.from_config(config, steps).to(device)
     step_fn = STEP_FUNCTIONS[sampler]
 
     def randn() -> torch.Tensor:
+        if generators is not None:
+            return torch.stack([torch.randn(y0.shape[1:], generator=g, device=g.device) for g in generators]).to(device)
         return torch.randn(y0.shape, generator=generator, device=generator.device).to(device)
 
     y0, mask = y0.to(device, torch.float32), mask.to(device, torch.float32)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import WeightsError
-from .weights import WeightsEntry, cache_dir, file_sha256, first_line
+from .manifest import WeightsEntry, cache_dir, file_sha256, first_line
 
 log = logging.getLogger("talkedit")
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .landmarks import NUM_LANDMARKS
+from .media import YUVFrame
 
 CROP_SIZE = 128  # side of the crop the model sees
 # MediaPipe indices of the points that fix the alignment: four eye corners and the nose tip (spec §11).
@@ -25,6 +26,15 @@ JAW_POINTS = (234, 454)  # face-oval sides that bound the jaw mask (the official
 SMOOTHING_WINDOW = 7  # frames averaged for the alignment (the paper)
 MAX_GAP = 4  # missed detections bridged by interpolation; a longer gap ends the track
 CUT_THRESHOLD = 40.0  # mean absolute change of a 32x32 grey thumbnail (0-255) that marks a shot cut
+# Points that identify a face and move little with speech or expression: eyes, brows, nose, the upper face oval.
+SIGNATURE_POINTS = (33, 133, 362, 263, 2, 70, 63, 105, 66, 107, 336, 296, 334, 293, 300, 168, 6, 197, 195, 5, 4,
+                    10, 338, 297, 332, 284, 251, 389, 356, 454, 234, 127, 162, 21, 54, 103, 67, 109, 159, 145, 386,
+                    374, 98, 327)  # fmt: skip
+# A face is the chosen person when both its shape and its look match: measured on ../shared/media, one person across
+# head turns stays under 0.021 (shape, crop units) and above 0.85 (look, correlation); another person at 0.015-0.06
+# and 0.2-0.75.
+MATCH_SHAPE = 0.025
+MATCH_LOOK = 0.7
 MASK_DILATE = 2  # px (crop) the mask grows before feathering, so the whole regenerated region is kept
 MASK_FEATHER = 2  # px (crop) of blur on the mask edge when pasting back
 
@@ -90,20 +100,47 @@ def find_cuts(thumbs: np.ndarray) -> np.ndarray:
     return cuts
 
 
-def track_face(
-    detections: list[list[np.ndarray]], cuts: np.ndarray, choice: FaceChoice
-) -> tuple[np.ndarray, np.ndarray]:
-    """Follow one face through the clip by position.
+def face_descriptor(frame: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """What tells one person from another across shots: the aligned shape of SIGNATURE_POINTS and a normalised grey
+    16x20 thumbnail of the eyes, brows and nose. frame (H, W, 3) uint8, landmarks (478, 2). Returns (D,) float32."""
+    matrix = similarity_transform(landmarks[list(STABLE_POINTS)].astype(np.float64), TEMPLATE * CROP_SIZE)
+    shape = to_crop(matrix, landmarks[list(SIGNATURE_POINTS)].astype(np.float64)) / CROP_SIZE
+    upper = crop_face(frame, matrix)[16:80, 24:104].astype(np.float32).mean(axis=2)
+    look = upper.reshape(16, 4, 20, 4).mean(axis=(1, 3))
+    look -= look.mean()
+    look /= np.linalg.norm(look) + 1e-6
+    return np.concatenate([shape.ravel(), look.ravel()]).astype(np.float32)
 
-    detections: per frame, the (478, 2) landmarks of every face found. The face is chosen with `choice` where no track
-    is running, then followed frame to frame as the detection nearest its last position. Gaps of up to MAX_GAP frames
-    are interpolated; a longer gap or a shot cut ends the track.
+
+def person_match(descriptor: np.ndarray, reference: np.ndarray) -> float | None:
+    """How much a face (descriptor) looks like the reference person (the mean descriptor of their first track):
+    the look correlation when shape and look both match, else None."""
+    k = 2 * len(SIGNATURE_POINTS)
+    shape = float(np.sqrt(((descriptor[:k] - reference[:k]) ** 2).mean()))
+    look = float(descriptor[k:] @ reference[k:] / (np.linalg.norm(reference[k:]) + 1e-6))
+    return look if shape <= MATCH_SHAPE and look >= MATCH_LOOK else None
+
+
+def track_face(
+    detections: list[list[np.ndarray]],
+    cuts: np.ndarray,
+    choice: FaceChoice,
+    descriptors: list[list[np.ndarray]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Follow one person through the clip.
+
+    detections: per frame, the (478, 2) landmarks of every face found; descriptors: the `face_descriptor` of each.
+    The person is chosen with `choice` where the first track starts, then followed frame to frame as the detection
+    nearest its last position. Gaps of up to MAX_GAP frames are interpolated; a longer gap or a shot cut ends the
+    track. A later track starts only on a face that is the same person (by descriptor: position means nothing across
+    a cut), so that another face never gets the mouth; without descriptors, `choice` picks again.
     Returns (landmarks (T, 478, 2) float32, NaN where untracked; track id (T,) int32, -1 where untracked).
     """
     frames = len(detections)
     points = np.full((frames, NUM_LANDMARKS, 2), np.nan, np.float32)
     track = np.full(frames, -1, np.int32)
     current, last, missed = -1, None, 0
+    seen: list[np.ndarray] = []  # descriptors of the first track: who the person is
     for i, faces in enumerate(detections):
         if cuts[i] or missed > MAX_GAP:
             current, last = -1, None
@@ -115,13 +152,21 @@ def track_face(
             if dists[nearest] < 0.5 * size:
                 chosen = nearest
         elif last is None:
-            chosen = choice.pick(faces)
+            if descriptors is not None and seen:
+                reference = np.mean(seen, axis=0)
+                scores = {n: person_match(d, reference) for n, d in enumerate(descriptors[i])}
+                matches = {n: score for n, score in scores.items() if score is not None}
+                chosen = max(matches, key=matches.get) if matches else None
+            else:
+                chosen = choice.pick(faces)
             if chosen is not None:
                 current = track.max() + 1
         if chosen is None:
             missed += 1
             continue
         points[i], track[i], last, missed = faces[chosen], current, faces[chosen], 0
+        if descriptors is not None and current == 0 and len(seen) < 100:
+            seen.append(descriptors[i][chosen])
     _fill_gaps(points, track)
     return points, track
 
@@ -225,7 +270,9 @@ def crop_face(frame: np.ndarray, matrix: np.ndarray) -> np.ndarray:
         nh, nw = max(2, round(rh * scale)), max(2, round(rw * scale))
         image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
         local[:, :2] = local[:, :2] @ np.diag([rw / nw, rh / nh])
-    crop = _warp(image, local, CROP_SIZE, CROP_SIZE, padding="border")
+    # Parts of the crop beyond the picture are its mirror image (plausible skin and background), not edge streaks;
+    # they are never pasted back (the paste writes frame pixels only).
+    crop = _warp(image, local, CROP_SIZE, CROP_SIZE, padding="reflection")
     return crop.round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
@@ -233,70 +280,15 @@ def crop_face(frame: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 # The jaw mask (spec §5.4)
 
 
-def _line_pixels(p0: tuple[int, int], p1: tuple[int, int]) -> list[tuple[int, int]]:
-    """The 8-connected line OpenCV draws from p0 to p1, walked left to right (its LineIterator's Bresenham)."""
-    (x0, y0), (x1, y1) = sorted([p0, p1])
-    dx, dy = x1 - x0, abs(y1 - y0)
-    step = -1 if y1 < y0 else 1
-    pixels, x, y = [], x0, y0
-    if dx >= dy:
-        err = dx - 2 * dy
-        for _ in range(dx + 1):
-            pixels.append((x, y))
-            if err < 0:
-                y, err = y + step, err + 2 * dx
-            err, x = err - 2 * dy, x + 1
-    else:
-        err = dy - 2 * dx
-        for _ in range(dy + 1):
-            pixels.append((x, y))
-            if err < 0:
-                x, err = x + 1, err + 2 * dy
-            err, y = err - 2 * dx, y + step
-    return pixels
-
-
-def _clip_line(p0: tuple[int, int], p1: tuple[int, int], size: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """OpenCV's clipLine: move the ends of a segment onto the image edges (truncating), or None if it misses."""
-    last = size - 1
-    (x1, y1), (x2, y2) = p0, p1
-
-    def code(x: int, y: int) -> int:
-        return (x < 0) + (x > last) * 2 + (y < 0) * 4 + (y > last) * 8
-
-    c1, c2 = code(x1, y1), code(x2, y2)
-    if c1 & c2 == 0 and c1 | c2:
-        if c1 & 12:
-            a = 0 if c1 < 8 else last
-            x1, y1 = x1 + int((a - y1) * (x2 - x1) / (y2 - y1)), a
-            c1 = (x1 < 0) + (x1 > last) * 2
-        if c2 & 12:
-            a = 0 if c2 < 8 else last
-            x2, y2 = x2 + int((a - y2) * (x2 - x1) / (y2 - y1)), a
-            c2 = (x2 < 0) + (x2 > last) * 2
-        if c1 & c2 == 0 and c1 | c2:
-            if c1:
-                a = 0 if c1 == 1 else last
-                x1, y1, c1 = a, y1 + int((a - x1) * (y2 - y1) / (x2 - x1)), 0
-            if c2:
-                a = 0 if c2 == 1 else last
-                x2, y2, c2 = a, y2 + int((a - x2) * (y2 - y1) / (x2 - x1)), 0
-    return ((x1, y1), (x2, y2)) if c1 | c2 == 0 else None
-
-
 def jaw_mask(left: tuple[int, int], right: tuple[int, int], size: int = CROP_SIZE) -> np.ndarray:
-    """The official `face_mask_square`: the quadrilateral from the line left-right down to the bottom edge, filled
-    (cv2.fillPoly semantics, boundary included). left/right: integer crop pixels of landmarks 234 and 454.
-    Returns (size, size) uint8, 1 = regenerate."""
+    """The official `face_mask_square`: cv2.fillPoly of the quadrilateral A -> C -> (x_C, 128) -> (x_A, 128), where
+    A, C = left, right are the integer crop pixels of landmarks 234 and 454 (spec §5.4). Returns (size, size) uint8,
+    1 = regenerate."""
+    import cv2  # installed with mediapipe; the official code draws the mask with it
+
     mask = np.zeros((size, size), np.uint8)
-    clipped = _clip_line(left, right, size)
-    if clipped is None:
-        return mask
-    top: dict[int, int] = {}
-    for x, y in _line_pixels(*clipped):
-        top[x] = min(top.get(x, y), y)
-    for x, y in top.items():
-        mask[y:, x] = 1
+    polygon = np.array([left, right, (right[0], size), (left[0], size)], np.int32)
+    cv2.fillPoly(mask, [polygon], 1)
     return mask
 
 
@@ -312,40 +304,96 @@ def crop_mask(landmarks: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 
 
 def blend_alpha(mask: np.ndarray) -> torch.Tensor:
-    """Soft paste weight in the crop: the mask grown by MASK_DILATE px, then feathered. (128, 128) -> (1, 128, 128)."""
+    """Soft paste weight in the crop: the mask grown by MASK_DILATE px, feathered, and tapered to 0 at the crop's
+    border, so that nothing beyond the crop's edge is blended in. (128, 128) -> (1, 128, 128) float in [0, 1]."""
     m = torch.tensor(mask, dtype=torch.float32)[None, None]
     m = F.max_pool2d(m, 2 * MASK_DILATE + 1, stride=1, padding=MASK_DILATE)
     k = 2 * MASK_FEATHER + 1
-    m = F.avg_pool2d(F.pad(m, (MASK_FEATHER,) * 4), k, stride=1)
-    return m[0]
+    m = F.avg_pool2d(F.pad(m, (MASK_FEATHER,) * 4), k, stride=1)[0]
+    size = mask.shape[-1]
+    edge = torch.arange(size, dtype=torch.float32)
+    ramp = (torch.minimum(edge, size - 1 - edge) / MASK_FEATHER).clamp(max=1)  # 0 on the outermost pixels
+    return m * ramp[None, :, None] * ramp[None, None, :]
 
 
-def paste_face(frame: np.ndarray, crop: np.ndarray, mask: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Blend the generated crop back into the frame inside the (dilated, feathered) mask only.
+def _paste_region(
+    crop: np.ndarray, mask: np.ndarray, matrix: np.ndarray, height: int, width: int, even: bool = False
+) -> tuple[tuple[int, int, int, int], torch.Tensor, torch.Tensor] | None:
+    """The generated crop warped into the frame box its paste weight reaches, premultiplied by that weight.
 
-    frame (H, W, 3) uint8, crop (128, 128, 3) uint8, mask (128, 128) uint8, matrix 2x3 frame->crop.
-    Returns a new (H, W, 3) uint8 frame; pixels the mask region does not reach are the input pixels, unchanged.
+    Premultiplying (warping rgb·α and α, then blending frame·(1 - α) + (rgb·α)) keeps the zero padding beyond the
+    crop from darkening the edge. With `even` the box starts and ends on even pixels (4:2:0 chroma) and may reach
+    one pixel beyond an odd frame. Returns ((x0, y0, x1, y1), rgb·α (3, h, w), α (1, h, w)), or None when the weight
+    reaches no pixel of the frame.
     """
     alpha = blend_alpha(mask)
     if not alpha.any():
-        return frame
+        return None
     ys, xs = np.nonzero(alpha[0].numpy())
     box = np.array(
         [[xs.min(), ys.min()], [xs.max() + 1, ys.min()], [xs.min(), ys.max() + 1], [xs.max() + 1, ys.max() + 1]]
     )
     corners = to_crop(invert(matrix), box.astype(float))
-    h, w = frame.shape[:2]
     x0, y0 = np.maximum(np.floor(corners.min(axis=0)).astype(int) - 1, 0)
-    x1, y1 = np.minimum(np.ceil(corners.max(axis=0)).astype(int) + 1, [w, h])
+    x1, y1 = np.minimum(np.ceil(corners.max(axis=0)).astype(int) + 1, [width, height])
+    if even:
+        x0, y0, x1, y1 = x0 - x0 % 2, y0 - y0 % 2, x1 + x1 % 2, y1 + y1 % 2
     if x1 <= x0 or y1 <= y0:
-        return frame
+        return None
     local = matrix.copy()
     local[:, 2] += matrix[:, :2] @ np.array([x0, y0], float)  # frame region -> crop
-    source = torch.cat([torch.from_numpy(crop).permute(2, 0, 1).float(), alpha], dim=0)
-    warped = _warp(source, invert(local), y1 - y0, x1 - x0, padding="zeros")
-    rgb, a = warped[:3], warped[3:].clamp(0, 1)
+    rgb = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float()
+    warped = _warp(torch.cat([rgb * alpha, alpha], dim=0), invert(local), y1 - y0, x1 - x0, padding="zeros")
+    return (int(x0), int(y0), int(x1), int(y1)), warped[:3], warped[3:].clamp(0, 1)
+
+
+def paste_face(frame: np.ndarray, crop: np.ndarray, mask: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Blend the generated crop back into an RGB frame inside the (dilated, feathered) mask only.
+
+    frame (H, W, 3) uint8, crop (128, 128, 3) uint8, mask (128, 128) uint8, matrix 2x3 frame->crop.
+    Returns a new (H, W, 3) uint8 frame; pixels the mask region does not reach are the input pixels, unchanged.
+    """
+    pasted = _paste_region(crop, mask, matrix, *frame.shape[:2])
+    if pasted is None:
+        return frame
+    (x0, y0, x1, y1), rgb_a, a = pasted
     region = torch.from_numpy(np.ascontiguousarray(frame[y0:y1, x0:x1])).permute(2, 0, 1).float()
-    blended = (region * (1 - a) + rgb * a).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    blended = (region * (1 - a) + rgb_a).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
     out = frame.copy()
     out[y0:y1, x0:x1] = blended
+    return out
+
+
+def paste_face_yuv(
+    frame: YUVFrame, crop: np.ndarray, mask: np.ndarray, matrix: np.ndarray, colour_matrix: str, full_range: bool
+) -> YUVFrame:
+    """`paste_face` into a frame in the source's own Y'CbCr 4:2:0 codes (see colour.py).
+
+    The generated RGB is converted with `colour_matrix` and the range (the inverse of the conversion that made the
+    crops) and blended into the planes; since the conversion is affine, blending codes equals blending colours. Luma
+    and chroma samples whose paste weight is 0 keep their exact value: nothing else of the frame is converted.
+    Returns a new YUVFrame.
+    """
+    from .colour import rgb_to_yuv_matrix
+
+    pasted = _paste_region(crop, mask, matrix, frame.height, frame.width, even=True)
+    if pasted is None:
+        return frame
+    (x0, y0, x1, y1), rgb_a, a = pasted
+    linear, offset = (torch.from_numpy(m).float() for m in rgb_to_yuv_matrix(colour_matrix, full_range))
+    # Premultiplied codes: L (rgb·α) + offset·α.
+    yuv_a = torch.einsum("ij,jhw->ihw", linear, rgb_a) + offset[:, None, None] * a
+    out = frame.copy()
+    h, w = min(y1, frame.height) - y0, min(x1, frame.width) - x0
+    y = out.y[y0 : y0 + h, x0 : x0 + w]
+    luma = torch.from_numpy(y.astype(np.float32)) * (1 - a[0, :h, :w]) + yuv_a[0, :h, :w]
+    y[:] = luma.round().clamp(0, 255).byte().numpy()
+    # Chroma: weights and premultiplied codes averaged over each 2x2 block.
+    a2 = F.avg_pool2d(a[None], 2)[0, 0]
+    c_a = F.avg_pool2d(yuv_a[None, 1:], 2)[0]
+    for index, plane in enumerate((out.u, out.v)):
+        target = plane[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2]
+        ch, cw = target.shape
+        blended = torch.from_numpy(target.astype(np.float32)) * (1 - a2[:ch, :cw]) + c_a[index, :ch, :cw]
+        target[:] = blended.round().clamp(0, 255).byte().numpy()
     return out

@@ -2,13 +2,14 @@
 
 check inputs (cheap first) -> fetch/verify the model -> preprocess (see analysis.py; cached) -> speech features
 -> sample the mouth of every output frame (autoregressive chains, several chains per UNet call)
--> pass 3: decode -> paste -> encode + mux the speech
+-> pass 3: decode (the source's own Y'CbCr) -> paste the mouth -> encode + mux the speech
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,8 +20,18 @@ import numpy as np
 
 from .analysis import Analysis, Progress, download_stage, no_progress, preprocess
 from .errors import MediaError, TalkeditError
-from .face import CROP_SIZE, paste_face
-from .media import DEFAULT_CRF, VideoInfo, VideoWriter, check_output_path, iter_frames, probe_video, read_audio
+from .face import CROP_SIZE, paste_face_yuv
+from .media import (
+    DEFAULT_CRF,
+    VideoInfo,
+    VideoWriter,
+    YUVFrame,
+    check_output_path,
+    decode_speech,
+    iter_yuv_frames,
+    probe_video,
+    read_audio,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -80,10 +91,34 @@ def source_indices(num_output: int, num_source: int, fit: Fit) -> np.ndarray:
     return np.where(phase < num_source, phase, period - phase)
 
 
-def chains(src: np.ndarray, track: np.ndarray, pieces: int) -> list[list[int]]:
-    """Split output frames into autoregressive chains: runs where the face is tracked and the source advances by at
-    most one frame within one track. With `pieces` > 1 long runs are cut into that many chains, so several chains
-    can share each UNet call. Returns lists of output-frame indices."""
+CHAIN_SECONDS = 5.0  # a run of tracked frames longer than twice this is split into chains about this long
+SPLIT_SEARCH_SECONDS = 1.0  # how far from an even split a chain may end to end on the quietest moment
+
+
+@dataclass
+class Chain:
+    """One autoregressive chain: consecutive output frames of one track, each conditioned on the one before it.
+
+    Its noise comes from its own generator, seeded from (seed, track, first frame), so that the video does not depend
+    on which chains share a UNet call, nor on the device.
+    """
+
+    track: int
+    frames: list[int]  # output-frame indices, in order
+
+    @property
+    def start(self) -> int:
+        return self.frames[0]
+
+    def seed(self, seed: int) -> int:
+        return (seed * 1_000_003 + self.track * 7_919 + self.start) % (1 << 63)
+
+
+def plan_chains(src: np.ndarray, track: np.ndarray, loudness: np.ndarray, fps: float) -> list[Chain]:
+    """Split output frames into chains: runs where the face is tracked and the source advances by at most one frame
+    within one track. Runs longer than 2 x CHAIN_SECONDS are split into chains of about CHAIN_SECONDS, each ending on
+    the quietest frame (by `loudness`, (num_output,)) within SPLIT_SEARCH_SECONDS of an even split, where a restart
+    is least visible. The plan depends on the inputs only (not on the device or batch size)."""
     runs: list[list[int]] = []
     for j, s in enumerate(src):
         if track[s] < 0:
@@ -92,11 +127,45 @@ def chains(src: np.ndarray, track: np.ndarray, pieces: int) -> list[list[int]]:
             runs[-1].append(j)
         else:
             runs.append([j])
-    if pieces <= 1:
-        return runs
-    total = sum(len(r) for r in runs)
-    target = max(1, -(-total // pieces))
-    return [run[k : k + target] for run in runs for k in range(0, len(run), target)]
+    target, search = max(1, round(CHAIN_SECONDS * fps)), round(SPLIT_SEARCH_SECONDS * fps)
+    result = []
+    for run in runs:
+        while len(run) > 2 * target:
+            lo, hi = max(1, target - search), min(len(run) - 1, target + search)
+            cut = lo + int(np.argmin(loudness[run[lo:hi]]))
+            result.append(Chain(int(track[src[run[0]]]), run[:cut]))
+            run = run[cut:]
+        result.append(Chain(int(track[src[run[0]]]), run))
+    return result
+
+
+def schedule(chain_list: list[Chain], batch: int) -> Iterator[list[tuple[int, int]]]:
+    """Which frames go into each UNet call: lists of (chain index, position in the chain), at most `batch` long.
+
+    Every track shares one identity frame: its first chain's first generated frame (as the official inference uses
+    generated frame 0). Other chains of a track wait for it; chains of different tracks and shots fill a call first.
+    """
+    pending = sorted(range(len(chain_list)), key=lambda k: (sum(c.track == chain_list[k].track
+                                                               for c in chain_list[:k]), k))  # fmt: skip
+    identity_ready: set[int] = set()
+    position = dict.fromkeys(range(len(chain_list)), 0)
+    active: list[int] = []
+    started_tracks: set[int] = set()
+    while pending or active:
+        for k in list(pending):
+            if len(active) >= batch:
+                break
+            track = chain_list[k].track
+            if track in identity_ready or track not in started_tracks:
+                started_tracks.add(track)
+                active.append(k)
+                pending.remove(k)
+        call = [(k, position[k]) for k in active]
+        yield call
+        for k, pos in call:
+            identity_ready.add(chain_list[k].track)
+            position[k] = pos + 1
+        active = [k for k in active if position[k] < len(chain_list[k].frames)]
 
 
 def dub(
@@ -109,23 +178,35 @@ def dub(
     """Make the face in `video` speak `speech`; write the result to `output` (H.264 + AAC).
 
     Inputs are checked before any model is loaded: a missing file, a file without the needed stream, a silent or empty
-    speech, an output equal to an input or in an unwritable place all raise a TalkeditError and write nothing.
+    speech, an output equal to an input, in an unwritable place or of a container that cannot hold H.264 + AAC all
+    raise a TalkeditError and write nothing.
     """
+    with tempfile.TemporaryDirectory(prefix="talkedit-") as scratch:
+        return _dub(Path(video), Path(speech), output, options or DubOptions(), progress, Path(scratch))
+
+
+def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progress, scratch: Path) -> DubResult:
     from .audio import SAMPLE_RATE, check_speech, frame_windows, mel_spectrogram
     from .weights import build_model, read_weights, resolve_weights_path
 
-    options = options or DubOptions()
     started = time.perf_counter()
     stages: dict[str, float] = {}
-    video, speech = Path(video), Path(speech)
 
     # 1. Cheap checks first.
     for path, what in ((video, "video"), (speech, "speech")):
         if not path.exists():
             raise MediaError(f"{path}: no such file; check the {what} path.")
     output = check_output_path(output, video, speech)
+    if options.steps is not None and options.steps < 1:
+        raise TalkeditError(f"--steps {options.steps}: sampling needs at least 1 step per frame.")
+    if options.sampler is not None and options.sampler not in ("ddim", "ddpm"):
+        raise TalkeditError(f"--sampler {options.sampler!r}: choose ddim or ddpm.")
+    if options.batch is not None and options.batch < 1:
+        raise TalkeditError(f"--batch {options.batch}: at least 1 chain per call.")
     info = probe_video(video)
-    wav = read_audio(speech)  # probes it first: a file without sound is refused there
+    # The speech is decoded once, on its file's timeline: the features and the muxed sound are the same samples.
+    speech_wav = decode_speech(speech, scratch / "speech.wav")
+    wav = read_audio(speech_wav)
     check_speech(wav, speech)
     fit_choice = options.fit
     if fit_choice is not None and fit_choice not in FITS:
@@ -144,32 +225,45 @@ def dub(
         video, face=options.face, output_dir=options.analysis_dir, offline=options.offline, progress=progress
     )
     stages["analyse"] = time.perf_counter() - t
+    if info.lead_frames:
+        log.info("the video starts %.3f s into its file: its first frame is repeated %d times to keep its timeline",
+                 info.start, info.lead_frames)  # fmt: skip
 
     # 3. Timeline and audio windows.
+    t = time.perf_counter()
     num_output = max(1, round(len(wav) / SAMPLE_RATE * info.fps))
     fit: Fit = fit_choice or ("trim" if num_output <= analysis.frame_count else "pingpong")
     src = source_indices(num_output, analysis.frame_count, fit)
     log.info("speech %.2f s -> %d output frames from %d source frames (fit: %s)",
              len(wav) / SAMPLE_RATE, num_output, analysis.frame_count, fit)  # fmt: skip
     windows = frame_windows(mel_spectrogram(wav), num_output, info.fps)
+    stages["speech"] = time.perf_counter() - t
 
     # 4. Sample.
     t = time.perf_counter()
     model = build_model(weights).to(device)
     batch = options.batch or (16 if device.type == "cuda" else 1)
-    chain_list = chains(src, analysis.track, batch)
-    log.info("model %s on %s; %d chains, %d at a time", weights_path, device, len(chain_list), batch)
-    generated = _generate(model, analysis, src, windows, chain_list, batch, options, progress)
+    chain_list = plan_chains(src, analysis.track, windows.mean(axis=(1, 2)), float(info.fps))
+    log.info("model %s on %s; %d chains, up to %d at a time", weights_path, device, len(chain_list), batch)
+    generated = GeneratedCrops(scratch / "generated.npy", num_output)
+    _generate(model, analysis, src, windows, chain_list, batch, options, progress, generated)
     stages["generate"] = time.perf_counter() - t
+    if generated.count == 0:
+        log.warning("no frame has a tracked face: the video is written with its picture unchanged")
 
-    # 5. Paste and encode.
+    # 5. Paste and encode, in the source's own Y'CbCr codes.
     t = time.perf_counter()
     done = 0
-    with VideoWriter(output, info.width, info.height, info.fps, audio=speech, crf=options.crf) as writer:
+    writer = VideoWriter(
+        output, info.width, info.height, info.fps, audio=speech_wav, crf=options.crf, colour=info.colour, sar=info.sar
+    )
+    with writer:
         for j, frame in enumerate(_frames_in_order(info, src)):
-            if generated[j] is not None:
+            if (crop := generated[j]) is not None:
                 s = src[j]
-                frame = paste_face(frame, generated[j], analysis.masks[s], analysis.matrices[s])
+                frame = paste_face_yuv(
+                    frame, crop, analysis.masks[s], analysis.matrices[s], info.matrix, info.full_range
+                )
             writer.write(frame)
             done += 1
             progress("write", done, num_output)
@@ -182,20 +276,46 @@ def dub(
         from .media import write_image
 
         write_image(options.preview, before_after(analysis, src, generated))
-    frames_generated = sum(g is not None for g in generated)
     return DubResult(
         output=output,
         frames_written=num_output,
-        frames_generated=frames_generated,
-        frames_passed_through=num_output - frames_generated,
+        frames_generated=generated.count,
+        frames_passed_through=num_output - generated.count,
         seconds=time.perf_counter() - started,
         stage_seconds=stages,
     )
 
 
+class GeneratedCrops:
+    """The generated mouth crops of every output frame, kept on disk (a memory-mapped array in the scratch folder),
+    so that memory stays bounded however long the speech is. Indexing gives a (128, 128, 3) uint8 crop or None."""
+
+    def __init__(self, path: Path, num_output: int) -> None:
+        self.path, self.num_output = path, num_output
+        self.crops: np.ndarray | None = None  # created on the first write: a dub without a face needs no file
+        self.done = np.zeros(num_output, bool)
+
+    def __setitem__(self, j: int, crop: np.ndarray) -> None:
+        if self.crops is None:
+            shape = (self.num_output, CROP_SIZE, CROP_SIZE, 3)
+            self.crops = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8, shape=shape)
+        self.crops[j] = crop
+        self.done[j] = True
+
+    def __getitem__(self, j: int) -> np.ndarray | None:
+        return np.asarray(self.crops[j]) if self.done[j] else None
+
+    def __len__(self) -> int:
+        return self.num_output
+
+    @property
+    def count(self) -> int:
+        return int(self.done.sum())
+
+
 def before_after(analysis: Analysis, src: np.ndarray, generated: list, columns: int = 8) -> np.ndarray:
     """A strip of aligned crops across the output: the source above, the dubbed result below. (256, 128 n, 3) uint8."""
-    frames = [j for j, g in enumerate(generated) if g is not None]
+    frames = [j for j in range(len(generated)) if generated[j] is not None]
     picks = [frames[k] for k in np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int)]
     if not picks:
         return np.zeros((2 * CROP_SIZE, CROP_SIZE, 3), np.uint8)
@@ -233,9 +353,14 @@ def _check_device(name: str | None) -> torch.device:
     return device
 
 
-def _generate(model, analysis, src, windows, chain_list, batch, options, progress) -> list[np.ndarray | None]:
-    """Run the chains, `batch` at a time, one frame of each per UNet call. Returns per output frame a (128, 128, 3)
-    uint8 crop, or None where the frame passes through unchanged."""
+def _generate(
+    model, analysis, src, windows, chain_list: list[Chain], batch: int, options: DubOptions, progress, generated
+) -> None:
+    """Run the chains as `schedule` says, one frame of up to `batch` chains per UNet call, into `generated`.
+
+    A chain's first frame conditions on its own original crop (spec §6), later frames on the chain's previous
+    generated frame; every frame of a track on the track's identity frame (its first generated frame).
+    """
     import torch
 
     from .diffusion import sample_frames
@@ -243,51 +368,45 @@ def _generate(model, analysis, src, windows, chain_list, batch, options, progres
     def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
-    generated: list[np.ndarray | None] = [None] * len(src)
-    total = sum(len(c) for c in chain_list)
-    generator = torch.Generator().manual_seed(options.seed)
-    pending = list(chain_list)
-    active: list[dict] = []
+    total = sum(len(c.frames) for c in chain_list)
+    generators = [torch.Generator().manual_seed(c.seed(options.seed)) for c in chain_list]
+    previous: dict[int, np.ndarray] = {}  # chain -> its last generated crop
+    identity: dict[int, np.ndarray] = {}  # track -> its identity crop
     done = 0
-    while pending or active:
-        while pending and len(active) < batch:
-            active.append({"frames": pending.pop(0), "pos": 0, "identity": None, "previous": None})
-        targets = [c["frames"][c["pos"]] for c in active]
+    for call in schedule(chain_list, batch):
+        targets = [chain_list[k].frames[pos] for k, pos in call]
         sources = [src[j] for j in targets]
-        crops = [analysis.crops[s] for s in sources]
-        # The chain's first frame conditions on its own original (spec §6); later frames on generated ones.
-        previous = [c["previous"] if c["previous"] is not None else crops[k] for k, c in enumerate(active)]
-        identity = [c["identity"] if c["identity"] is not None else crops[k] for k, c in enumerate(active)]
+        crops = [np.asarray(analysis.crops[s]) for s in sources]
+        tracks = [chain_list[k].track for k, _ in call]
         out = sample_frames(
             model,
             to_tensor(crops),
             torch.from_numpy(np.stack([analysis.masks[s] for s in sources])).float()[:, None],
-            to_tensor(previous),
-            to_tensor(identity),
+            to_tensor([previous.get(k, crops[n]) for n, (k, _) in enumerate(call)]),
+            to_tensor([identity.get(track, crops[n]) for n, track in enumerate(tracks)]),
             torch.from_numpy(windows[targets]),
             sampler=options.sampler,
             steps=options.steps,
-            generator=generator,
+            generator=[generators[k] for k, _ in call],
             fp16=options.fp16,
         )
         # Quantise to uint8 as the official code does by saving PNGs.
         images = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for k, c in enumerate(active):
-            generated[targets[k]] = images[k]
-            c["previous"] = images[k]
-            if c["identity"] is None:
-                c["identity"] = images[k]
-            c["pos"] += 1
-        done += len(active)
+        for n, (k, pos) in enumerate(call):
+            generated[targets[n]] = images[n]
+            previous[k] = images[n]
+            identity.setdefault(tracks[n], images[n])
+            if pos + 1 == len(chain_list[k].frames):
+                del previous[k]
+        done += len(call)
         progress("generate", done, total)
-        active = [c for c in active if c["pos"] < len(c["frames"])]
-    return generated
 
 
-def _frames_in_order(info: VideoInfo, src: np.ndarray) -> Iterator[np.ndarray]:
-    """Yield source frames in the order `src` lists them, decoding forward runs as a stream. Backward runs (pingpong)
-    are decoded in chunks that fit in memory, each chunk yielded in reverse."""
-    frame_bytes = info.width * info.height * 3
+def _frames_in_order(info: VideoInfo, src: np.ndarray) -> Iterator[YUVFrame]:
+    """Yield source frames (in the source's Y'CbCr codes) in the order `src` lists them. Forward runs are streamed,
+    each from a seek to its first frame; backward runs (pingpong) are decoded once each, in chunks that fit in
+    memory, every chunk yielded in reverse."""
+    frame_bytes = YUVFrame.nbytes(info.height, info.width)
     chunk = max(8, (256 << 20) // frame_bytes)  # ~256 MB of frames at most
     j = 0
     while j < len(src):
@@ -300,7 +419,7 @@ def _frames_in_order(info: VideoInfo, src: np.ndarray) -> Iterator[np.ndarray]:
                 stop = min(start + chunk, k + 1)
                 hi, lo = src[start], src[stop - 1]
                 frames = []
-                for n, frame in enumerate(iter_frames(info, start=lo)):
+                for n, frame in enumerate(iter_yuv_frames(info, start=lo)):
                     frames.append(frame.copy())
                     if n >= hi - lo:
                         break
@@ -311,7 +430,7 @@ def _frames_in_order(info: VideoInfo, src: np.ndarray) -> Iterator[np.ndarray]:
         k = j
         while k + 1 < len(src) and 0 <= src[k + 1] - src[k] <= 1:
             k += 1
-        decoder = iter_frames(info, start=src[j])
+        decoder = iter_yuv_frames(info, start=src[j])
         frame = next(decoder, None)
         if frame is None:
             return

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -160,15 +158,38 @@ def test_frame_sampler_uses_the_models_defaults():
     assert len(seen) == 7
 
 
-def test_fp16_on_cpu_warns_once_and_runs_fp32():
+def test_fp16_on_cpu_is_said_once_in_the_log_and_runs_fp32(caplog, monkeypatch):
+    from talkedit import diffusion
+
+    monkeypatch.setattr(diffusion, "_FP16_NOTICE_GIVEN", set())
     model = random_tiny_model()
     inputs = frame_inputs()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        half = sample_frames(model, *inputs, steps=3, fp16=True)
-    assert len([w for w in caught if "fp16" in str(w.message)]) == 1
+    with caplog.at_level("WARNING", logger="talkedit"):
+        for _ in range(3):  # a dub calls the sampler once per frame
+            half = sample_frames(model, *inputs, steps=3, fp16=True)
+    assert len([r for r in caplog.records if "fp16" in r.getMessage()]) == 1
     full = sample_frames(model, *inputs, steps=3, fp16=False)
     assert torch.equal(half, full)
+
+
+def test_ddpm_refuses_an_eta_it_would_ignore():
+    model = random_tiny_model()
+    with pytest.raises(ValueError, match="eta"):
+        sample_frames(model, *frame_inputs(), sampler="ddpm", steps=2, eta=0.5)
+
+
+def test_per_chain_generators_make_each_frame_independent_of_its_batch():
+    model = random_tiny_model()
+    y0, mask, previous, identity, audio = frame_inputs()
+    together = sample_frames(
+        model, y0, mask, previous, identity, audio, steps=4, eta=1.0,
+        generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
+    )  # fmt: skip
+    alone = sample_frames(
+        model, y0[1:], mask[1:], previous[1:], identity[1:], audio[1:], steps=4, eta=1.0,
+        generator=[torch.Generator().manual_seed(6)],
+    )  # fmt: skip
+    torch.testing.assert_close(together[1:], alone, atol=1e-5, rtol=0)
 
 
 def test_frame_sampler_rejects_mismatched_batches():

@@ -14,6 +14,7 @@ from talkedit.face import (
     find_cuts,
     jaw_mask,
     paste_face,
+    paste_face_yuv,
     similarity_transform,
     to_crop,
     track_face,
@@ -108,3 +109,72 @@ def test_paste_changes_only_the_mask_region():
     inside = to_crop(np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))[:2], np.array([[65.0, 100.0]]))[0].astype(int)
     assert (out[inside[1], inside[0]] >= 250).all()
     assert changed.sum() > 1000
+
+
+def gradient_frame(height: int = 240, width: int = 320) -> np.ndarray:
+    """A smooth frame: bilinear resampling reproduces it to within rounding, so a no-op round trip must too."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    return np.stack([40 + 0.5 * xx, 60 + 0.6 * yy, 200 - 0.25 * xx - 0.2 * yy], axis=-1).round().astype(np.uint8)
+
+
+# A face low in the frame: the crop's bottom rows, where the jaw mask ends, lie well inside the picture.
+ROUND_TRIP_MATRIX = np.array([[0.9, 0.08, -60.0], [-0.08, 0.9, -40.0]])
+
+
+def test_no_op_paste_round_trip_changes_no_pixel_by_more_than_two_levels():
+    frame = gradient_frame()
+    crop = crop_face(frame, ROUND_TRIP_MATRIX)
+    mask = np.zeros((CROP_SIZE, CROP_SIZE), np.uint8)
+    mask[60:, 20:110] = 1  # reaches the crop's bottom row, as the jaw mask does
+    out = paste_face(frame, crop, mask, ROUND_TRIP_MATRIX)
+    assert np.abs(out.astype(int) - frame).max() <= 2
+
+
+def test_no_op_paste_round_trip_in_yuv_keeps_every_code_within_two_levels():
+    from talkedit.media import rgb_to_yuv420
+
+    frame = gradient_frame()
+    yuv = rgb_to_yuv420(frame, "bt709")
+    from talkedit.colour import yuv_to_rgb
+
+    # The crop the model sees is made from the RGB the codes stand for (here: converted back exactly).
+    rgb = yuv_to_rgb(yuv.y, *(np.repeat(np.repeat(p, 2, 0), 2, 1) for p in (yuv.u, yuv.v)), "bt709", False)
+    crop = crop_face(np.clip(rgb.round(), 0, 255).astype(np.uint8), ROUND_TRIP_MATRIX)
+    mask = np.zeros((CROP_SIZE, CROP_SIZE), np.uint8)
+    mask[60:, 20:110] = 1
+    out = paste_face_yuv(yuv, crop, mask, ROUND_TRIP_MATRIX, "bt709", full_range=False)
+    for before, after in zip((yuv.y, yuv.u, yuv.v), (out.y, out.u, out.v), strict=True):
+        assert np.abs(after.astype(int) - before).max() <= 2
+
+
+def test_yuv_paste_leaves_every_sample_outside_the_paste_weight_bit_exact():
+    from talkedit.media import rgb_to_yuv420
+
+    rng = np.random.default_rng(1)
+    yuv = rgb_to_yuv420(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))
+    mask = np.zeros((CROP_SIZE, CROP_SIZE), np.uint8)
+    mask[70:, 30:100] = 1
+    out = paste_face_yuv(
+        yuv, np.full((CROP_SIZE, CROP_SIZE, 3), 255, np.uint8), mask, ROUND_TRIP_MATRIX, "bt601", False
+    )
+    changed = out.y != yuv.y
+    ys, xs = np.nonzero(changed)
+    crop_xy = to_crop(ROUND_TRIP_MATRIX, np.stack([xs + 0.5, ys + 0.5], axis=1))
+    assert changed.sum() > 1000
+    assert crop_xy[:, 0].min() > 30 - 6 and crop_xy[:, 0].max() < 100 + 6 and crop_xy[:, 1].min() > 70 - 6
+    # Deep inside the mask, white: Y near 235 in limited range.
+    inside = to_crop(np.linalg.inv(np.vstack([ROUND_TRIP_MATRIX, [0, 0, 1]]))[:2], np.array([[65.0, 110.0]]))[0]
+    assert out.y[int(inside[1]), int(inside[0])] >= 230
+
+
+def test_crop_beyond_the_picture_is_mirrored_not_streaked():
+    """A face that fills the frame: the crop's lower part lies below the picture. Border replication would repeat the
+    last row in every row below it (vertical streaks)."""
+    rng = np.random.default_rng(2)
+    frame = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    matrix = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 40.0]])  # frame row 0 lands on crop row 40
+    crop = crop_face(frame, matrix)
+    outside = crop[:40]  # crop rows 0-39 lie above the picture
+    rows_equal = [np.array_equal(outside[i], outside[i + 1]) for i in range(len(outside) - 1)]
+    assert not any(rows_equal), "rows beyond the picture repeat the edge row"
+    np.testing.assert_array_equal(crop[40:], frame[: CROP_SIZE - 40])

@@ -8,15 +8,18 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from talkedit.colour import Colour
 from talkedit.errors import MediaError
 from talkedit.media import (
     VideoWriter,
     check_output_path,
     ffmpeg_exe,
     iter_frames,
+    iter_yuv_frames,
     probe_audio,
     probe_video,
     read_audio,
+    rgb_to_yuv420,
 )
 
 from .common import media
@@ -25,8 +28,95 @@ from .common import media
 def test_ntsc_rate_stays_an_exact_rational():
     info = probe_video(media("hdtf_RD_Radio10_male_glasses_512_29.97fps.mp4"))
     assert info.fps == Fraction(30000, 1001)
-    assert not info.variable_frame_rate
     assert (info.width, info.height) == (512, 512)
+    # Its last frames are two slots apart (dropped frames): decoding fills the gaps to keep the timeline.
+    assert info.variable_frame_rate
+
+
+@pytest.mark.parametrize("container", ["mkv", "webm"])
+def test_ntsc_rate_in_a_millisecond_time_base_is_not_30_30(tmp_path, container):
+    """Matroska and WebM keep 1 ms timestamps: 29.97 fps arrives as 33/34 ms steps (1000/33 = 30.30 by one step)."""
+    out = tmp_path / f"ntsc.{container}"
+    codec = ["-c", "copy"] if container == "mkv" else ["-c:v", "libvpx", "-b:v", "200k", "-an", "-t", "1.5"]
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-i", str(media("hdtf_RD_Radio10_male_glasses_512_29.97fps.mp4")), *codec,
+         str(out)], check=True,
+    )  # fmt: skip
+    assert probe_video(out).fps == Fraction(30000, 1001)
+
+
+def test_the_bundled_ffmpeg_is_used_unless_overridden(monkeypatch, tmp_path):
+    import imageio_ffmpeg
+
+    from talkedit import media as media_module
+
+    media_module.ffmpeg_exe.cache_clear()
+    monkeypatch.delenv("TALKEDIT_FFMPEG", raising=False)
+    try:
+        assert media_module.ffmpeg_exe() == imageio_ffmpeg.get_ffmpeg_exe()
+        old = tmp_path / "ffmpeg"
+        old.write_text("#!/bin/sh\necho 'ffmpeg version 4.4.2-0ubuntu0.22.04.1 Copyright (c) 2000-2021'\n")
+        old.chmod(0o755)
+        monkeypatch.setenv("TALKEDIT_FFMPEG", str(old))
+        media_module.ffmpeg_exe.cache_clear()
+        with pytest.raises(MediaError, match="4.4 is too old"):
+            media_module.ffmpeg_exe()
+    finally:
+        monkeypatch.delenv("TALKEDIT_FFMPEG", raising=False)
+        media_module.ffmpeg_exe.cache_clear()
+
+
+def test_surround_audio_counts_its_channels(tmp_path):
+    surround = tmp_path / "surround.wav"
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-i", str(media("en_hdtf_RD_Radio31_16k_stereo.wav")), "-af",
+         "pan=5.1|FL=c0|FR=c1|FC=c0|LFE=c1|BL=c0|BR=c1", "-t", "1", str(surround)], check=True,
+    )  # fmt: skip
+    assert probe_audio(surround).channels == 6
+
+
+def test_speech_that_starts_late_keeps_its_offset(tmp_path):
+    """A video's sound track that starts 0.44 s in: the decoded speech begins with that much silence, so features and
+    the muxed sound agree (the muxer keeps the offset)."""
+    from talkedit.media import decode_speech
+
+    source = media("retalking_face5_older_female_glasses_524_25fps.mp4")
+    late = tmp_path / "late.mp4"
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-i", str(source), "-itsoffset", "0.44", "-i", str(source), "-map", "0:v",
+         "-map", "1:a", "-c", "copy", str(late)], check=True,
+    )  # fmt: skip
+    on_time = read_audio(decode_speech(source, tmp_path / "a.wav"))
+    shifted = read_audio(decode_speech(late, tmp_path / "b.wav"))
+    # Where the speech sits in the decoded track: the lag that best aligns a second of it with the on-time decode.
+    piece = on_time[8000:24000]
+    lags = np.arange(6000, 8500)
+    scores = [float(shifted[8000 + lag : 24000 + lag] @ piece) for lag in lags]
+    lag = int(lags[int(np.argmax(scores))])
+    assert abs(lag / 16000 - 0.44) < 0.002
+    assert abs(len(shifted) - len(on_time) - lag) < 200
+    assert np.abs(shifted[: lag - 320]).max() < 2e-3  # silence before it, but for the resampler's ringing
+
+
+def test_a_decode_that_stops_part_way_is_an_error(tmp_path):
+    damaged = tmp_path / "damaged.mpg"
+    data = media("grid_lwbsza_female_360x288_25fps.mpg").read_bytes()
+    damaged.write_bytes(data[: len(data) // 2])
+    info = probe_video(damaged)
+    assert info.frame_count < 60  # the probe sees the packets that are there; the analysis compares the decode
+    truncated = tmp_path / "truncated.mp4"
+    mp4 = media("retalking_face5_older_female_glasses_524_25fps.mp4").read_bytes()
+    truncated.write_bytes(mp4[:-60000])
+    with pytest.raises(MediaError):
+        list(iter_frames(probe_video(truncated)))
+
+
+def test_output_container_must_hold_h264_and_aac(tmp_path):
+    video = media("grid_lwbsza_female_360x288_25fps.mpg")
+    with pytest.raises(MediaError, match=r"\.webm file cannot hold"):
+        check_output_path(tmp_path / "out.webm", video)
+    for name in ("out.mp4", "out.mkv", "out.mov"):
+        check_output_path(tmp_path / name, video)
 
 
 def test_variable_frame_rate_is_detected_and_normalised_to_its_average():
@@ -104,7 +194,7 @@ def test_not_media_and_missing_streams_are_clear_errors(tmp_path):
 
 def test_writer_encodes_h264_with_the_speech_and_renames_at_the_end(tmp_path):
     out = tmp_path / "out.mp4"
-    frames = [np.full((64, 96, 3), v, np.uint8) for v in range(0, 250, 10)]
+    frames = [rgb_to_yuv420(np.full((64, 96, 3), v, np.uint8)) for v in range(0, 250, 10)]
     with VideoWriter(
         out, 96, 64, Fraction(30000, 1001), audio=media("en_short_voice_recording_22k05_mono_1.8s.m4a")
     ) as w:
@@ -120,11 +210,27 @@ def test_writer_encodes_h264_with_the_speech_and_renames_at_the_end(tmp_path):
     assert abs(int(decoded[10].mean()) - 100) <= 2
 
 
+def test_writer_tags_the_sources_colour_and_pixel_aspect(tmp_path):
+    """Pure red written as BT.709 codes plays back red on a BT.709 player: the tags travel with the codes."""
+    out = tmp_path / "hd.mp4"
+    red = np.zeros((64, 96, 3), np.uint8)
+    red[:] = (255, 40, 40)
+    colour = Colour("tv", "bt709", "bt709", "bt709")
+    with VideoWriter(out, 96, 64, Fraction(25), colour=colour, sar=Fraction(16, 11)) as w:
+        for _ in range(3):
+            w.write(rgb_to_yuv420(red, "bt709"))
+        w.close()
+    info = probe_video(out)
+    assert info.colour == colour and info.sar == Fraction(16, 11)
+    decoded = next(iter_frames(info))  # ffmpeg converts with the tagged matrix
+    assert np.abs(decoded[32, 48].astype(int) - (255, 40, 40)).max() <= 3
+
+
 def test_failed_encode_leaves_no_file(tmp_path):
     out = tmp_path / "out.mp4"
     with pytest.raises(RuntimeError):
         with VideoWriter(out, 32, 32, Fraction(25)) as w:
-            w.write(np.zeros((32, 32, 3), np.uint8))
+            w.write(rgb_to_yuv420(np.zeros((32, 32, 3), np.uint8)))
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
 
@@ -145,9 +251,37 @@ def test_odd_sizes_grow_by_one_repeated_row_and_column(tmp_path):
     frame[:, -1] = 200  # the last column, which must be repeated, not padded with black
     with VideoWriter(out, 65, 33, Fraction(25)) as w:
         for _ in range(3):
-            w.write(frame)
+            w.write(rgb_to_yuv420(frame))
         w.close()
     info = probe_video(out)
     assert (info.width, info.height) == (66, 34)
     decoded = next(iter_frames(info))
     assert decoded[:, -1].mean() > 150 and decoded[-1, :10].mean() < 30
+
+
+@pytest.mark.parametrize(
+    "name", ["lrs2_00009_male_headturn_160x160_25fps.mp4", "grid_swiz3n_black_male_360x288_25fps.mpg"]
+)
+def test_seeking_gives_exactly_the_frames_of_a_full_decode(name):
+    info = probe_video(media(name))
+    frames = [f.buffer.copy() for f in iter_yuv_frames(info)]
+    for start in (1, 17, len(frames) - 5):
+        seeked = [f.buffer for f in iter_yuv_frames(info, start=start)]
+        assert len(seeked) == len(frames) - start
+        assert all(np.array_equal(a, b) for a, b in zip(seeked, frames[start:], strict=True)), start
+
+
+def test_a_video_that_starts_late_keeps_its_timeline(tmp_path):
+    """Video 0.84 s after the audio: the first frame is shown from 0 s, so each later frame keeps its time."""
+    source = media("grid_swiz3n_black_male_360x288_25fps.mpg")
+    late = tmp_path / "late.mp4"
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-itsoffset", "0.84", "-i", str(source), "-i", str(source), "-map", "0:v",
+         "-map", "1:a", "-c:v", "libx264", "-crf", "10", "-c:a", "aac", str(late)], check=True,
+    )  # fmt: skip
+    info = probe_video(late)
+    assert info.lead_frames == 21
+    frames = list(iter_frames(info))
+    assert len(frames) == info.frame_count == 75 + 21
+    assert all(np.array_equal(frames[0], frames[k]) for k in range(21))
+    assert not np.array_equal(frames[21], frames[22])
