@@ -2,6 +2,7 @@
 
     python benchmarks/dub.py                       # tiny random model, 2 steps: measures everything but the UNet
     python benchmarks/dub.py --model full --steps 50   # the full-size UNet (random weights), for a GPU
+    python benchmarks/dub.py --speech-seconds 120      # speech twice the video's length: --fit pingpong
 
 The clip is made from a real one in ../shared/media (the restaurant clip, upscaled to 1920x1080 and looped to 60 s),
 the speech by looping a real recording to the same length. Needs ../shared/models/face_landmarker.task.
@@ -27,7 +28,7 @@ SOURCE_VIDEO = SHARED / "media/video/male_restaurant_noisy_headmotion_1280x720_2
 SOURCE_SPEECH = SHARED / "media/audio/en_male_jfk_speech_44k1_stereo_24bit.flac"
 
 
-def make_inputs(folder: Path, seconds: int) -> tuple[Path, Path]:
+def make_inputs(folder: Path, seconds: int, speech_seconds: int) -> tuple[Path, Path]:
     from talkedit.media import ffmpeg_exe
 
     video, speech = folder / "clip-1080p.mp4", folder / "speech.wav"
@@ -37,7 +38,9 @@ def make_inputs(folder: Path, seconds: int) -> tuple[Path, Path]:
          "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-an", str(video)],
         check=True,
     )  # fmt: skip
-    subprocess.run([*ff, "-stream_loop", "-1", "-i", str(SOURCE_SPEECH), "-t", str(seconds), str(speech)], check=True)
+    subprocess.run(
+        [*ff, "-stream_loop", "-1", "-i", str(SOURCE_SPEECH), "-t", str(speech_seconds), str(speech)], check=True
+    )
     return video, speech
 
 
@@ -87,6 +90,7 @@ def worker(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--speech-seconds", type=int, default=None, help="longer than --seconds: a pingpong dub")
     parser.add_argument("--model", choices=["tiny", "full"], default="tiny")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default=None)
@@ -104,9 +108,11 @@ def main() -> None:
     home.mkdir()
     shutil.copy(SHARED / "models/face_landmarker.task", home / "face-landmarker.task")
     t = time.perf_counter()
-    video, speech = make_inputs(folder, args.seconds)
+    video, speech = make_inputs(folder, args.seconds, args.speech_seconds or args.seconds)
     model = make_model(folder, args.model)
-    print(f"inputs: {args.seconds} s 1920x1080 clip + speech made in {time.perf_counter() - t:.1f} s ({folder})")
+    speech_seconds = args.speech_seconds or args.seconds
+    made = time.perf_counter() - t
+    print(f"inputs: {args.seconds} s 1920x1080 clip + {speech_seconds} s speech made in {made:.1f} s ({folder})")
     cmd = [sys.executable, __file__, "--worker", "1", "--video", str(video), "--speech", str(speech),
            "--output", str(folder / "out.mp4"), "--model-path", str(model), "--steps", str(args.steps)]  # fmt: skip
     if args.device:

@@ -95,7 +95,8 @@ def import_checkpoint(
     elif not ema and is_ema_name:
         raise CheckpointError(
             f"{src}: this is the EMA checkpoint, but the official inference uses the raw weights "
-            "(*_Network.pth); give that file, or pass --ema to convert the EMA weights anyway."
+            "(*_Network.pth); give that file, or convert this one with "
+            "`talkedit import-weights FILE --ema -o OUT.safetensors` and dub with `--model OUT.safetensors`."
         )
 
     try:

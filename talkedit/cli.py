@@ -359,7 +359,8 @@ def download_weights(
         if warning:
             stderr.print(f"[bold yellow]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
         if not quiet:
-            stderr.print(f"{names[0]}: installed and verified at {path}", highlight=False, soft_wrap=True)
+            state = "installed (unverified: hash recorded)" if warning else "installed and verified"
+            stderr.print(f"{names[0]}: {state} at {path}", highlight=False, soft_wrap=True)
         return
     failures = []
     with StageProgress(quiet) as progress:

@@ -284,8 +284,11 @@ def install_from(entry: WeightsEntry, file: str | os.PathLike, *, root: Path | N
     warning = None
     if entry.sha256 is None:
         recorded = (_read_record(installed) or {}).get("source_sha256")
+        given = f"sha256 {recorded}"
+        if file.suffix.lower() == ".zip" and entry.format == "dve-palette":
+            given = f"sha256 {file_sha256(file)} (the zip; the checkpoint inside: {recorded})"
         warning = (
-            f"{entry.name} has no published hash, so the file you gave cannot be verified. Its sha256 {recorded} is "
-            "now recorded, and the cached file is checked on every use. Compare it with the hash others report."
+            f"{entry.name} has no published hash, so {file.name} cannot be verified. Its {given} is now recorded, "
+            "and the cached file is checked on every use. Compare it with the hash others report."
         )
     return installed, warning

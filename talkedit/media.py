@@ -278,15 +278,21 @@ def frame_rate_from_timing(timing: _PacketTiming, header_rate: Fraction | None) 
     steps = [d for d in timing.durations if d > 0]
     typical = Fraction(1) / (max(set(steps), key=steps.count) * tb) if steps else None
     candidates = sorted(set(STANDARD_RATES) | {r for r in (header_rate, typical) if r and r > 0})
+    fits = {}  # rate -> spread of the packet times around its grid, in seconds
     for rate in candidates:
         slots = seconds * float(rate)
         residual = slots - np.round(slots)
-        if (residual.max() - residual.min()) / float(rate) > float(tb) + 1e-9:
-            continue
-        frames = int(np.round(slots[-1])) + 1
-        if frames - len(slots) <= MAX_MISSING * frames:
-            return rate, frames != len(slots), frames
-        break  # on a grid, but too sparse: a faster grid would be sparser still
+        spread = (residual.max() - residual.min()) / float(rate)
+        if spread <= float(tb) + 1e-9:
+            fits[rate] = spread
+    if fits:
+        # The lowest rate that fits (a multiple of it fits too); of rates within 1 % of it (a rounded header rate
+        # and the exact one), the one the times sit on most tightly.
+        lowest = min(fits)
+        rate = min((r for r in fits if r <= lowest * Fraction(101, 100)), key=lambda r: (fits[r], r))
+        frames = int(np.round(seconds[-1] * float(rate))) + 1
+        if frames - len(seconds) <= MAX_MISSING * frames:
+            return rate, frames != len(seconds), frames
     span = (timing.pts[-1] - timing.pts[0] + (timing.durations[-1] or 0)) * tb
     if span <= 0:
         return header_rate or Fraction(25), False, len(timing.pts)

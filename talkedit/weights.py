@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .diffusion import DiffusionConfig
 from .errors import WeightsError
-from .manifest import WeightsEntry, cache_dir, file_sha256, first_line, manifest_path, read_manifest
+from .manifest import WeightsEntry, cache_dir, file_sha256, first_line, manifest_path, read_manifest, share_mode
 
 __all__ = ["WeightsEntry", "cache_dir", "file_sha256", "first_line", "manifest_path", "read_manifest"]
 from .unet import UNet, UNetConfig
@@ -91,6 +91,7 @@ def save_weights(
     tmp = _atomic_target(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp, metadata=metadata)
+        share_mode(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         raise WeightsError(f"{path}: cannot write ({exc.strerror}); check the directory is writable.") from None

@@ -276,7 +276,7 @@ def test_shipped_manifest_is_honest():
 
 
 def test_dub_fetches_what_it_needs_on_first_use(tmp_path, server, monkeypatch):
-    import talkedit.weights
+    import talkedit.manifest
     from talkedit.pipeline import DubOptions, dub
 
     from .common import TINY_128, media
@@ -288,7 +288,7 @@ def test_dub_fetches_what_it_needs_on_first_use(tmp_path, server, monkeypatch):
     server.files[f"/talkedit/tiny/resolve/{REVISION}/model.safetensors"] = tiny_weights
     server.files["/files/face_landmarker.task"] = landmarker
     manifest = write_manifest(tmp_path, server, tiny_weights, landmarker)
-    monkeypatch.setattr(talkedit.weights, "manifest_path", lambda: manifest)
+    monkeypatch.setattr(talkedit.manifest, "manifest_path", lambda: manifest)
     monkeypatch.setenv("TALKEDIT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -67,10 +67,12 @@ def test_track_follows_the_chosen_face_and_bridges_short_gaps():
     points, track = track_face(detections, np.zeros(10, bool), FaceChoice())
     assert (track == 0).all()
     np.testing.assert_allclose(points[4].mean(axis=0), big(4).mean(axis=0), atol=1.0)  # interpolated
-    _, track = track_face(detections, np.zeros(10, bool), FaceChoice(rank=2))
+    points, track = track_face(detections, np.zeros(10, bool), FaceChoice(rank=2))
     assert (track == 0).all()
-    _, track = track_face(detections, np.zeros(10, bool), FaceChoice(point=(620.0, 90.0)))
+    np.testing.assert_allclose(np.nanmean(points[:, :, 0]), 600, atol=5)  # the small face, not the big one
+    points, track = track_face(detections, np.zeros(10, bool), FaceChoice(point=(620.0, 90.0)))
     assert (track == 0).all()
+    np.testing.assert_allclose(np.nanmean(points[:, :, 0]), 600, atol=5)
 
 
 def test_long_gaps_and_cuts_end_the_track():
@@ -178,3 +180,67 @@ def test_crop_beyond_the_picture_is_mirrored_not_streaked():
     rows_equal = [np.array_equal(outside[i], outside[i + 1]) for i in range(len(outside) - 1)]
     assert not any(rows_equal), "rows beyond the picture repeat the edge row"
     np.testing.assert_array_equal(crop[40:], frame[: CROP_SIZE - 40])
+
+
+@pytest.fixture(scope="module")
+def anchor_and_guest():
+    """Landmarks and descriptors of the two people of the split-screen interview, from 12 real frames."""
+    from talkedit.face import face_descriptor
+    from talkedit.landmarks import MediaPipeDetector
+    from talkedit.media import iter_frames, probe_video
+
+    from .common import LANDMARKER, media
+
+    info = probe_video(media("two_faces_tv_interview_splitscreen_1280x720_25fps.mp4"))
+    people = {"anchor": [], "guest": []}
+    with MediaPipeDetector(LANDMARKER) as detector:
+        for i, frame in enumerate(iter_frames(info)):
+            if i % 20 or i >= 240:
+                continue
+            for face in detector.detect(frame, i * 40):
+                who = "anchor" if face[:, 0].mean() < 640 else "guest"
+                people[who].append((face, face_descriptor(frame, face)))
+    assert len(people["anchor"]) >= 10 and len(people["guest"]) >= 10
+    return people
+
+
+def test_after_a_cut_only_the_same_person_gets_the_mouth(anchor_and_guest):
+    """The anchor, a cut, then only the guest: the guest must not become the edited face (position means nothing
+    across a cut). Then the anchor again: the edit continues on him."""
+    anchor, guest = anchor_and_guest["anchor"], anchor_and_guest["guest"]
+    frames = [anchor[k] for k in range(5)] + [guest[k] for k in range(5)] + [anchor[k] for k in range(5, 10)]
+    detections = [[f] for f, _ in frames]
+    descriptors = [[d] for _, d in frames]
+    cuts = np.zeros(15, bool)
+    cuts[[5, 10]] = True
+    _, track = track_face(detections, cuts, FaceChoice(), descriptors)
+    assert (track[:5] == 0).all()
+    assert (track[5:10] == -1).all()
+    assert (track[10:] == 1).all()
+
+
+CHOICES = [
+    (FaceChoice(rank=1), "larger"),
+    (FaceChoice(rank=2), "smaller"),
+    (FaceChoice(point=(1000.0, 300.0)), "guest"),
+]
+
+
+@pytest.mark.parametrize(("choice", "who"), CHOICES)
+def test_face_choice_picks_that_person_and_keeps_them_across_cuts(anchor_and_guest, choice, who):
+    from talkedit.face import face_size
+
+    anchor, guest = anchor_and_guest["anchor"], anchor_and_guest["guest"]
+    guest_larger = face_size(guest[0][0]) > face_size(anchor[0][0])
+    who = {"larger": "guest" if guest_larger else "anchor", "smaller": "anchor" if guest_larger else "guest"}.get(
+        who, who
+    )
+    both = [[anchor[k], guest[k]] for k in range(10)]
+    detections = [[f for f, _ in pair] for pair in both]
+    descriptors = [[d for _, d in pair] for pair in both]
+    cuts = np.zeros(10, bool)
+    cuts[5] = True
+    points, track = track_face(detections, cuts, choice, descriptors)
+    assert (track >= 0).all()
+    x = np.nanmean(points[:, :, 0], axis=1)
+    assert ((x > 640) if who == "guest" else (x < 640)).all(), x

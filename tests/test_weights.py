@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -282,3 +283,23 @@ def test_download_weights_from_the_published_zip(official_dir, tmp_path):
     listing = run_talkedit("download-weights", "--list", "--cache-dir", str(cache))
     assert "hash recorded, unverified" in listing.stdout
     assert talkedit.load_model(cache / "dve-multispeaker.safetensors", device="cpu").provenance["ema"] is False
+
+
+def test_a_tensor_of_the_wrong_shape_is_a_weights_error_not_a_traceback(tmp_path):
+    from talkedit.errors import WeightsError
+
+    state = random_tiny_model().state_dict()
+    key = next(k for k, v in state.items() if v.dim() == 4)
+    state[key] = torch.zeros(*state[key].shape[:-1], state[key].shape[-1] + 2)
+    path = tmp_path / "bad.safetensors"
+    save_weights(path, state, TINY, DiffusionConfig(), {})
+    with pytest.raises(WeightsError, match=f"{key} has shape"):
+        talkedit.load_model(path, device="cpu")
+
+
+def test_weights_files_are_readable_by_others_as_any_new_file(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_weights(path, random_tiny_model().state_dict(), TINY, DiffusionConfig(), {})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
