@@ -58,6 +58,8 @@ def make_case(kind: str, tmp: Path) -> tuple[Path, Path, Path, str]:
         blocker = tmp / "a-file"
         blocker.write_text("x")
         return video, speech, blocker / "out.mp4", str(blocker / "out.mp4")
+    if kind == "output-container-without-h264":
+        return video, speech, tmp / "out.webm", str(tmp / "out.webm")
     if kind == "output-is-input":
         copy = tmp / "clip.mpg"
         copy.write_bytes(video.read_bytes())
@@ -76,6 +78,7 @@ KINDS = [
     "missing-speech",
     "unwritable-output",
     "output-is-input",
+    "output-container-without-h264",
 ]
 
 
@@ -134,6 +137,10 @@ def test_bad_options_are_one_line_errors(talkedit_home, tmp_path):
     assert result.exit_code == 1 and "--sampler" in result.output
     result = runner.invoke(app, [*args, "--device", "cuda:7"])
     assert result.exit_code == 1 and "--device cuda:7" in result.output
+    result = runner.invoke(app, [*args, "--steps", "0"])
+    assert result.exit_code == 1 and "--steps 0" in result.output and "Finding the face" not in result.output
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "o.webm")])
+    assert result.exit_code == 1 and ".webm" in result.output and "Finding the face" not in result.output
     result = runner.invoke(app, [*args, "--device", "toaster"])
     assert result.exit_code == 1 and "--device 'toaster'" in result.output
     long_speech = str(media("en_male_jfk_speech_44k1_stereo_24bit.flac"))  # 11 s against a 3 s video
