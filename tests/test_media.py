@@ -285,3 +285,21 @@ def test_a_video_that_starts_late_keeps_its_timeline(tmp_path):
     assert len(frames) == info.frame_count == 75 + 21
     assert all(np.array_equal(frames[0], frames[k]) for k in range(21))
     assert not np.array_equal(frames[21], frames[22])
+
+
+def test_hdr_video_is_refused_with_the_command_that_converts_it(tmp_path):
+    hdr = tmp_path / "hdr.mp4"
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=25:duration=0.4", "-c:v",
+         "libx264", "-pix_fmt", "yuv420p", "-bsf:v",  # BT.2020 primaries, PQ transfer, BT.2020 matrix in the VUI
+         "h264_metadata=colour_primaries=9:transfer_characteristics=16:matrix_coefficients=9", str(hdr)], check=True,
+    )  # fmt: skip
+    with pytest.raises(MediaError, match=r"is HDR \(smpte2084\).*zscale"):
+        probe_video(hdr)
+
+
+def test_sdr_colour_tags_are_read():
+    info = probe_video(media("GENERATED_dve_crema_1030_female_1920x1080_pillarbox_25fps.mp4"))
+    assert info.colour == Colour("tv", "bt709", "bt709", "bt709") and info.matrix == "bt709"
+    untagged = probe_video(media("grid_swiz3n_black_male_360x288_25fps.mpg"))
+    assert untagged.colour.matrix is None and untagged.matrix == "bt601"  # SD: as players take it
