@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,8 +146,12 @@ def schedule(chain_list: list[Chain], batch: int) -> Iterator[list[tuple[int, in
     Every track shares one identity frame: its first chain's first generated frame (as the official inference uses
     generated frame 0). Other chains of a track wait for it; chains of different tracks and shots fill a call first.
     """
-    pending = sorted(range(len(chain_list)), key=lambda k: (sum(c.track == chain_list[k].track
-                                                               for c in chain_list[:k]), k))  # fmt: skip
+    # Round robin over tracks: every track's first chain, then every track's second, ...
+    nth_of_track, seen = [], Counter()
+    for chain in chain_list:
+        nth_of_track.append(seen[chain.track])
+        seen[chain.track] += 1
+    pending = sorted(range(len(chain_list)), key=lambda k: (nth_of_track[k], k))
     identity_ready: set[int] = set()
     position = dict.fromkeys(range(len(chain_list)), 0)
     active: list[int] = []
