@@ -81,15 +81,21 @@ def _run(args: list[str], path: Path | str, what: str) -> subprocess.CompletedPr
     return proc
 
 
-def _ffmpeg_message(stderr: bytes) -> str:
-    """ffmpeg's first error line (the cause), and its last when that says something else (the consequence)."""
-    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
-    if not lines:
+def _ffmpeg_message(stderr: bytes, tail: bytes | None = None) -> str:
+    """ffmpeg's first error line (the cause), and its last when that says something else (the consequence).
+    `tail`: the end of a longer stderr whose start is `stderr`."""
+
+    def lines(data: bytes) -> list[str]:
+        return [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
+
+    head, end = lines(stderr), lines(tail if tail is not None else stderr)
+    if not head:
         return "no message from ffmpeg"
     first = next(
-        (line for line in lines if not line.startswith(("Input #", "Output #", "Stream ", "Duration"))), lines[0]
+        (line for line in head if not line.startswith(("Input #", "Output #", "Stream ", "Duration"))), head[0]
     )
-    return first if first == lines[-1] else f"{first} ... {lines[-1]}"
+    last = end[-1] if end else head[-1]
+    return first if first == last else f"{first} ... {last}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,10 +131,6 @@ class VideoInfo:
     def lead_frames(self) -> int:
         """Copies of the first frame put before it so that frame i is shown at i / fps on the file's timeline."""
         return max(0, round(self.start * self.fps))
-
-    @property
-    def display_width(self) -> float:
-        return self.width * float(self.sar)
 
     @property
     def matrix(self) -> str:
@@ -230,7 +232,6 @@ class _PacketTiming:
     timebase: Fraction
     pts: list[int]  # presentation time of every packet, in display order, relative to the file's start
     durations: list[int]
-    sar: Fraction | None
 
 
 def _packet_timing(path: Path) -> _PacketTiming | None:
@@ -239,13 +240,10 @@ def _packet_timing(path: Path) -> _PacketTiming | None:
     proc = subprocess.run([ffmpeg_exe(), *args], capture_output=True)
     if proc.returncode != 0:
         return None
-    timebase, sar, pts, durations = None, None, [], []
+    timebase, pts, durations = None, [], []
     for line in proc.stdout.decode(errors="replace").splitlines():
         if line.startswith("#tb 0:"):
             timebase = Fraction(line.split(":", 1)[1].strip())
-        elif line.startswith("#sar 0:"):
-            num, den = (int(v) for v in line.split(":", 1)[1].split("/"))
-            sar = Fraction(num, den) if num > 0 and den > 0 else None
         elif line and not line.startswith("#"):
             fields = [f.strip() for f in line.split(",")]
             dts, presentation = int(fields[1]), int(fields[2])
@@ -253,7 +251,7 @@ def _packet_timing(path: Path) -> _PacketTiming | None:
             durations.append(int(fields[3]))
     if not timebase or not pts:
         return None
-    return _PacketTiming(timebase, sorted(pts), durations, sar)
+    return _PacketTiming(timebase, sorted(pts), durations)
 
 
 def _snap(rate: Fraction) -> Fraction:
@@ -308,7 +306,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         raise MediaError(f"{path}: has no video stream; give a video of the person talking.")
     fields = _split_top_level(video.split("Video:", 1)[1])
     codec = fields[0].split()[0]
-    pix_fmt, colour = _parse_pixel_format(fields[1]) if len(fields) > 1 else ("yuv420p", Colour())
+    pix_fmt, colour = _parse_pixel_format(fields[1]) if len(fields) > 1 else ("yuv420p", SDR_UNTAGGED)
     if colour.is_hdr:
         raise MediaError(
             f"{path}: is HDR ({colour.transfer}); talkedit edits SDR video only. Convert it first, e.g. "
@@ -422,9 +420,7 @@ class _StderrTail(threading.Thread):
             self.data = (self.data + chunk)[-8192:]
 
     def message(self) -> str:
-        first = _ffmpeg_message(self.head).split(" ... ")[0]
-        last = _ffmpeg_message(self.data).split(" ... ")[-1]
-        return first if first == last else f"{first} ... {last}"
+        return _ffmpeg_message(self.head, self.data)
 
     def finish(self) -> None:
         self.join(timeout=5)
