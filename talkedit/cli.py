@@ -112,6 +112,8 @@ class StageProgress:
         "crop": "Cropping",
         "generate": "Generating the mouth",
         "write": "Writing the video",
+        "pack": "Packing the clips",
+        "train": "Training",
     }
 
     def __init__(self, quiet: bool = False) -> None:
@@ -132,19 +134,21 @@ class StageProgress:
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[note]}"),
             console=stderr,
         )
         self.tasks: dict[str, int] = {}
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, note: str | None = None) -> None:
         if self.quiet:
             return
         if not self.tasks:
             self.progress.start()  # only once there is something to show: an early error prints alone
         if stage not in self.tasks:
             label = self.LABELS.get(stage, stage.replace("download ", "Downloading "))
-            self.tasks[stage] = self.progress.add_task(label, total=total)
-        self.progress.update(self.tasks[stage], completed=done, total=max(total, done))
+            self.tasks[stage] = self.progress.add_task(label, total=total, note="")
+        fields = {"note": note} if note is not None else {}
+        self.progress.update(self.tasks[stage], completed=done, total=max(total, done), **fields)
 
     def __enter__(self) -> StageProgress:
         return self
@@ -198,6 +202,13 @@ def dub(
         typer.Option(min=1, help="Chains sampled together (default: 16 on CUDA, 1 on CPU)."),
     ] = None,
     crf: Annotated[int, typer.Option(min=0, max=51, help="x264 quality, lower is better (default 18).")] = 18,
+    guidance: Annotated[
+        float,
+        typer.Option(
+            help="Classifier-free guidance on the audio: above 1 follows the speech more strongly (1 = off; "
+            "needs a model from `talkedit train`; twice the compute)."
+        ),  # fmt: skip
+    ] = 1.0,
     preview: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(help="Also write a PNG strip of crops: the source above, the dubbed result below."),
@@ -237,6 +248,7 @@ def dub(
         analysis_dir=str(analysis_dir) if analysis_dir else None,
         offline=offline or None,
         preview=str(preview) if preview else None,
+        guidance=guidance,
     )
     with StageProgress(quiet) as progress:
         result = run_dub(video, speech, output, options, progress=progress)
@@ -309,6 +321,161 @@ def preprocess(
             highlight=False,
             soft_wrap=True,
         )
+
+
+@app.command()
+@reports_errors
+def pack(
+    videos: Annotated[list[Path], typer.Argument(help="Videos with their own speech, folders of them, or .txt lists.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The pack file to write (NAME.pack).")],
+    face: FaceOption = None,
+    analysis_dir: AnalysisDirOption = None,
+    cache_dir: CacheDirOption = None,
+    offline: OfflineOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Make training data: preprocess each video and pack its crops, masks and speech features into one file.
+
+    A pack is self-contained and small (about 35 MiB for 15 minutes of 25 fps footage); `talkedit train` reads it
+    with nothing but torch, numpy, safetensors and OpenCV, so it can train on a machine without ffmpeg.
+
+    Example: [bold]talkedit pack clips/ -o me.pack[/]
+    """
+    from .pack import build_pack
+
+    _setup(cache_dir, quiet, verbose)
+    if output.suffix != ".pack":
+        raise TalkeditError(f"{output}: name the pack NAME.pack.")
+    with StageProgress(quiet) as progress:
+        build_pack(videos, output, face=face, analysis_dir=analysis_dir, offline=offline or None, progress=progress)
+    if not quiet:
+        stderr.print(f"Pack: [bold]{output}[/] ({output.stat().st_size / 2**20:.1f} MiB)", highlight=False)
+
+
+@app.command()
+@reports_errors
+def train(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Videos with their own speech, folders of them, .txt lists, or one .pack.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The model to write (NAME.safetensors).")],
+    init: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Fine-tune this model: a name from weights.toml, a talkedit weights file or an official "
+            ".pth checkpoint (default: train from scratch)."
+        ),  # fmt: skip
+    ] = None,
+    arch: Annotated[str, typer.Option(help="From scratch: dve (the paper's UNet) or small (for CPUs).")] = "dve",
+    steps: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Optimiser steps (default: 30 passes over the data fine-tuning, 200 from scratch)."),
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Global batch, split over torchrun's processes.")] = 32,
+    lr: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Peak learning rate (default: 3e-5 fine-tuning, 1e-4 from scratch)."),
+    ] = None,
+    warmup: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Warm-up steps (default: 5 % of the run, at most 500)."),
+    ] = None,
+    ema_decay: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="EMA decay (default: 1 - 10/steps, within 0.99 .. 0.9999)."),
+    ] = None,
+    min_snr_gamma: Annotated[float, typer.Option(help="min-SNR-γ loss weighting; 0 = the paper's loss.")] = 5.0,
+    audio_dropout: Annotated[
+        float, typer.Option(help="Fraction of samples trained without audio, so that dub --guidance works.")
+    ] = 0.1,
+    previous_aug: Annotated[float, typer.Option(help="Fraction of previous frames warped, blurred and noised.")] = 0.5,
+    jitter: Annotated[float, typer.Option(help="Fraction of samples shifted and re-lit as a whole.")] = 0.3,
+    ema: Annotated[
+        bool, typer.Option("--ema/--no-ema", help="Write the EMA weights (default) or the raw ones.")
+    ] = True,
+    eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: never).")] = 500,
+    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps.")] = 500,
+    time_limit: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Minutes: stop cleanly at a checkpoint before this; continue later with --resume."),
+    ] = None,
+    workdir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Checkpoints, metrics.jsonl, train.png and sample strips (default: OUTPUT's name + .train)."),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run whose checkpoint is in the work folder.")] = False,
+    val_fraction: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Validation share: whole clips (default 0.1), or a single clip's last part (default 0.2)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed and data give the same model.")] = 0,
+    device: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="cuda, cuda:1 or cpu (default: CUDA when available; under torchrun the local GPU)."),
+    ] = None,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32.")] = "auto",
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet.")] = False,
+    channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.")] = False,
+    face: FaceOption = None,
+    analysis_dir: AnalysisDirOption = None,
+    cache_dir: CacheDirOption = None,
+    offline: OfflineOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a model on videos of people speaking, or fine-tune one on a clip of the person to dub.
+
+    Each video goes through preprocess (cached) and its own sound becomes the audio the model learns to follow.
+    Validation is on whole clips, or on the last part of a single clip. Ctrl-C saves a checkpoint and stops;
+    --resume continues. Data-parallel on many GPUs: the same command under torchrun.
+
+    Example: [bold]talkedit train me.mp4 -o me.safetensors --init dve-multispeaker[/]
+    """
+    from .train import ARCHITECTURES, Recipe, TrainOptions
+    from .train import train as run_train
+
+    _setup(cache_dir, quiet, verbose)
+    if arch not in ARCHITECTURES:
+        raise TalkeditError(f"--arch {arch!r}: choose {' or '.join(ARCHITECTURES)}.")
+    recipe = Recipe(lr=lr, warmup=warmup, ema_decay=ema_decay, min_snr_gamma=min_snr_gamma,
+                    audio_dropout=audio_dropout, previous_aug=previous_aug, jitter=jitter)  # fmt: skip
+    options = TrainOptions(
+        steps=steps, batch=batch, recipe=recipe, arch=ARCHITECTURES[arch], init=init, seed=seed, device=device,
+        precision=precision, compile=compile_model, channels_last=channels_last, eval_every=eval_every,
+        checkpoint_every=checkpoint_every, time_limit=time_limit, ema=ema, val_fraction=val_fraction,
+        workdir=str(workdir) if workdir else None, resume=resume,
+    )  # fmt: skip
+    build = {"face": face, "analysis_dir": analysis_dir, "offline": offline or None}
+    rank = int(os.environ.get("RANK", "0"))
+    with StageProgress(quiet or rank != 0) as progress:
+        result = run_train(inputs, output, options, progress=progress, build=build)
+    if rank != 0:
+        return
+    if as_json:
+        summary = {"output": str(result.output) if result.output else None, "steps_done": result.steps_done,
+                   "steps": result.steps, "stopped": result.stopped, "workdir": str(result.workdir),
+                   "last_eval": result.last_eval, "seconds": round(result.seconds, 3)}  # fmt: skip
+        typer.echo(json.dumps(summary))
+    if quiet:
+        return
+    if result.stopped:
+        stderr.print(
+            f"[bold yellow]Stopped[/] ({result.stopped}) at step {result.steps_done} of {result.steps}; the checkpoint "
+            f"is in {result.workdir}. Continue with the same command and [bold]--resume[/].",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    last = result.last_eval
+    scores = f" Validation error {last['val_error']:.4f}, audio-shift ratio {last['audio_ratio']:.3f}." if last else ""
+    stderr.print(
+        f"[bold green]Done[/]: {result.steps_done} steps in {result.seconds:.0f} s.{scores}\n"
+        f"Model: [bold]{result.output}[/]  (curves: {result.workdir / 'train.png'})",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("download-weights")

@@ -224,6 +224,7 @@ def sample_frames(
     eta: float | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     fp16: bool | None = None,
+    guidance: float = 1.0,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> torch.Tensor:
     """Inpaint the masked region of B frames at once, each an independent chain (spec §3.4).
@@ -239,6 +240,10 @@ def sample_frames(
     `generator` (a fresh one seeded 0 when None), or from one generator per frame (a sequence of B), so that each
     chain's noise does not depend on what it is batched with; a CPU generator gives the same noise on every device.
     On CUDA the UNet runs under fp16 autocast unless fp16=False; on CPU it runs in fp32.
+
+    `guidance` w != 1 is classifier-free guidance on the audio (Ho & Salimans 2022): ε = ε_∅ + w (ε_audio - ε_∅),
+    where ε_∅ is the prediction without audio (UNet's `audio_dropped`). It needs a model trained with audio dropout
+    and costs a second UNet evaluation per step.
     """
     config: DiffusionConfig = getattr(model, "diffusion", None) or DiffusionConfig()
     sampler = sampler or config.sampler
@@ -279,7 +284,14 @@ def sample_frames(
     for done, t in enumerate(reversed(range(steps)), start=1):
         gamma = schedule.alpha_bar[t].expand(batch)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            eps = model(torch.cat([x_t, context], dim=1), gamma, audio).float()
+            x = torch.cat([x_t, context], dim=1)
+            if guidance == 1.0:
+                eps = model(x, gamma, audio).float()
+            else:
+                dropped = torch.arange(2 * batch, device=device) >= batch
+                both = model(torch.cat([x, x]), gamma.repeat(2), audio.repeat(2, 1), dropped).float()
+                eps_audio, eps_none = both.chunk(2)
+                eps = eps_none + guidance * (eps_audio - eps_none)
         x_prev, x0_pred = step_fn(schedule, x_t, eps, t, randn(), eta=eta)
         # Known pixels go back to the clean original after every step, as in training (no re-noising).
         x_t = keep + mask * x_prev

@@ -60,6 +60,7 @@ class DubOptions:
     analysis_dir: str | None = None  # where preprocess caches (default: the talkedit cache)
     offline: bool | None = None  # never download model files (default: the HF_HUB_OFFLINE environment variable)
     preview: str | None = None  # also write a before/after strip of crops (PNG) here
+    guidance: float = 1.0  # classifier-free guidance on the audio (1 = off); needs a model trained with audio dropout
 
 
 @dataclass
@@ -222,6 +223,11 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
     weights_path = resolve_weights_path(options.model, offline=options.offline, progress=download_stage(progress))
     weights = read_weights(weights_path)
     _check_model_fits(weights.unet_config, weights_path)
+    if options.guidance != 1.0 and not weights.provenance.get("recipe", {}).get("audio_dropout"):
+        raise TalkeditError(
+            f"--guidance {options.guidance}: {weights_path} was not trained with audio dropout, so it has no "
+            "prediction without audio to guide from; use --guidance 1, or a model made by `talkedit train`."
+        )
     stages["check"] = time.perf_counter() - started
 
     # 2. Analysis (cached).
@@ -394,6 +400,7 @@ def _generate(
             steps=options.steps,
             generator=[generators[k] for k, _ in call],
             fp16=options.fp16,
+            guidance=options.guidance,
         )
         # Quantise to uint8 as the official code does by saving PNGs.
         images = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

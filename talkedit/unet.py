@@ -244,16 +244,22 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, gamma: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, gamma: torch.Tensor, audio: torch.Tensor, audio_dropped: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict the noise ε in the masked target.
 
         x: (B, in_channels, S, S) float; gamma: (B,) or (B, 1) float ᾱ in (0, 1);
-        audio: (B, audio_frames * audio_bins) float dB. Returns (B, out_channels, S, S) in x's dtype.
+        audio: (B, audio_frames * audio_bins) float dB; audio_dropped: (B,) bool, True where the sample is to be
+        denoised without audio: its audio embedding is zeroed (the "no audio" token of classifier-free guidance).
+        Returns (B, out_channels, S, S) in x's dtype.
         """
         dtype = self.out[-1].weight.dtype  # run in the weights' dtype; autocast may lower it further per op
         gamma_features = noise_level_embedding(gamma.reshape(-1), self.config.base_channels).to(dtype)
         t_emb = self.cond_embed(gamma_features)
         a_emb = self.audio_cond_embed(audio.reshape(audio.shape[0], -1).to(dtype))
+        if audio_dropped is not None:
+            a_emb = a_emb * (~audio_dropped.to(a_emb.device, torch.bool))[:, None].to(a_emb.dtype)
 
         h = x.to(dtype)
         skips = []

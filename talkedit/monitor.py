@@ -1,0 +1,146 @@
+"""Watching a training run: the JSON-lines metrics log, the `train.png` plot and strips of sampled crops.
+
+Draws with OpenCV only (no plotting library), so that it runs wherever training runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+PLOT_W, PLOT_H = 640, 240  # one panel
+COLOURS = {"loss": (40, 110, 220), "val_error": (30, 160, 60), "val_error_shifted": (220, 80, 40)}  # RGB
+
+
+class MetricsLog:
+    """metrics.jsonl in the work folder: one JSON object per line, appended (a resumed run continues the file)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.records: list[dict] = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    self.records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+
+    def write(self, record: dict) -> None:
+        # A resumed run repeats the steps after its last checkpoint: drop what they replace.
+        if "loss" in record:
+            self.records = [r for r in self.records if not ("loss" in r and r["step"] >= record["step"])]
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    points = {r["step"]: r[key] for r in records if key in r and r[key] is not None}  # the last record of a step wins
+    steps = np.array(sorted(points), float)
+    return steps, np.array([points[s] for s in sorted(points)], float)
+
+
+def _panel(title: str, curves: dict[str, tuple[np.ndarray, np.ndarray]], log_y: bool) -> np.ndarray:
+    import cv2
+
+    image = np.full((PLOT_H, PLOT_W, 3), 255, np.uint8)
+    left, right, top, bottom = 60, PLOT_W - 10, 24, PLOT_H - 28
+    cv2.rectangle(image, (left, top), (right, bottom), (180, 180, 180), 1)
+    cv2.putText(image, title, (left, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    values = [v for _, (s, v) in curves.items() if len(v)]
+    if not values:
+        return image
+    xs = np.concatenate([s for s, v in curves.values() if len(v)])
+    ys = np.concatenate(values)
+    ys = ys[np.isfinite(ys) & ((ys > 0) if log_y else True)]
+    if not len(ys):
+        return image
+    f = np.log10 if log_y else (lambda v: v)
+    y_lo, y_hi = f(ys.min()), f(ys.max())
+    y_hi = y_hi if y_hi > y_lo else y_lo + 1e-6
+    x_lo, x_hi = xs.min(), max(xs.max(), xs.min() + 1)
+
+    def to_px(s: np.ndarray, v: np.ndarray) -> np.ndarray:
+        x = left + (s - x_lo) / (x_hi - x_lo) * (right - left)
+        y = bottom - (f(np.maximum(v, 1e-12) if log_y else v) - y_lo) / (y_hi - y_lo) * (bottom - top)
+        return np.stack([x, y], 1).round().astype(np.int32)
+
+    for k, (label, (s, v)) in enumerate(curves.items()):
+        if not len(v):
+            continue
+        colour = COLOURS.get(label, (0, 0, 0))
+        points = to_px(s, v)
+        if len(points) > 1:
+            cv2.polylines(image, [points], False, colour, 1, cv2.LINE_AA)
+        for p in points if len(points) < 40 else points[-1:]:
+            cv2.circle(image, tuple(int(c) for c in p), 2, colour, -1)
+        cv2.putText(image, label, (right - 170, top + 16 + 16 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1)
+    for value, y in ((y_hi, top), (y_lo, bottom)):
+        text = f"{10**value if log_y else value:.3g}"
+        cv2.putText(image, text, (4, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(image, f"step {int(x_lo)}", (left, PLOT_H - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
+    cv2.putText(image, f"{int(x_hi)}", (right - 50, PLOT_H - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
+    return image
+
+
+def plot_metrics(records: list[dict], path: Path) -> None:
+    """Rewrite `path` (PNG): training loss, validation error with true and shifted audio, and the audio-shift ratio."""
+    loss = _series(records, "loss")
+    smooth = loss[1].copy()
+    for i in range(1, len(smooth)):  # exponential smoothing for a readable curve
+        smooth[i] = 0.9 * smooth[i - 1] + 0.1 * smooth[i]
+    ratio_steps, ratio = _series(records, "audio_ratio")
+    last = f", audio-shift ratio {ratio[-1]:.3f} at step {int(ratio_steps[-1])}" if len(ratio) else ""
+    panels = [
+        _panel("training loss (smoothed)", {"loss": (loss[0], smooth)}, log_y=True),
+        _panel(
+            "validation masked error, one-step denoising" + last,
+            {"val_error": _series(records, "val_error"), "val_error_shifted": _series(records, "val_error_shifted")},
+            log_y=True,
+        ),
+    ]
+    write_png(path, np.concatenate(panels, axis=0))
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 RGB image atomically."""
+    import os
+
+    import cv2
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[:, :, ::-1]))
+    os.replace(tmp, path)
+
+
+def sample_strip(model, data, count: int, steps: int, path: Path) -> None:
+    """Sample the mouth of `count` validation frames (true previous and identity frames, DDIM) and write a strip:
+    the originals above, the samples below. (256, 128·count, 3)."""
+    import torch
+
+    from .diffusion import sample_frames
+
+    val = data.split.val
+    index = val[np.linspace(0, len(val) - 1, min(count, len(val))).round().astype(int)]
+    identity = data.identity(index, np.full(len(index), 0.5), "val")
+    target = data.images(index)
+    out = sample_frames(
+        model,
+        target,
+        data.mask(index),
+        data.images(data.previous[index]),
+        data.images(identity),
+        data.audio(index),
+        sampler="ddim",
+        steps=steps,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+    def to_uint8(x: torch.Tensor) -> np.ndarray:
+        images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return np.concatenate(list(images), axis=1)
+
+    write_png(path, np.concatenate([to_uint8(target), to_uint8(out)], axis=0))

@@ -1,0 +1,843 @@
+"""`train`: the paper's training (spec §3.2), with what the field has learned since as options, from one CPU to
+many GPUs under `torchrun`.
+
+    pack (pack.py) -> per step: a global batch of samples (target crop, previous frame, identity frame >= 1 s away,
+    audio window, jaw mask) -> augment (augment.py) -> noise the masked region at a random level ᾱ
+    -> ε-prediction loss on the mask, min-SNR-γ weighted -> AdamW (warm-up, cosine decay, clipping) -> EMA
+    every eval_every steps: validation error of one-step denoising, with the true audio and with audio shifted by 1 s
+
+Imports only torch, numpy, safetensors and OpenCV (with a pack as input), so it runs on machines without ffmpeg.
+
+Determinism. Every random draw of a step comes from generators seeded by (seed, step): which samples, their noise,
+noise levels, augmentations and audio dropout are drawn for the whole global batch and each rank takes its slice;
+dropout inside the UNet is seeded by (seed, step, rank). So a run resumed from a checkpoint repeats the uninterrupted
+one exactly, and N processes with batch B/N each follow one process with batch B (up to the order of the gradient
+sum). The seed and the step are the whole RNG state a checkpoint needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .augment import JITTER_PARAMS, PREVIOUS_PARAMS, previous_frame, shared_jitter
+from .diffusion import DiffusionConfig, NoiseSchedule
+from .errors import TalkeditError
+from .pack import Pack, Split
+from .unet import UNet, UNetConfig
+
+log = logging.getLogger("talkedit")
+
+CHECKPOINT_FORMAT = "talkedit-train"
+CHECKPOINT_VERSION = 1
+EVAL_STEPS = (100, 300, 500, 700, 900)  # fixed noise levels of validation: these steps of the T = 1000 schedule
+AUDIO_SHIFT_SECONDS = 1.0
+
+# Small 128 px architecture for trying the whole pipeline on a CPU (about 1/20 of the paper's compute).
+SMALL = UNetConfig(base_channels=32, channel_mults=(1, 1, 1, 1), num_res_blocks=1, attention_resolutions=(),
+                   head_channels=32)  # fmt: skip
+ARCHITECTURES = {"dve": UNetConfig(), "small": SMALL}
+
+
+class TrainError(TalkeditError):
+    """Training cannot start or continue as asked."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is trained; saved in checkpoints and in the output's provenance. None = chosen from the run."""
+
+    lr: float | None = None  # peak learning rate; None: 1e-4 from scratch, 3e-5 when fine-tuning (--init)
+    warmup: int | None = None  # linear warm-up steps; None: 5 % of the run, at most 500
+    final_lr: float = 0.1  # the cosine decay ends at this fraction of the peak
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    weight_decay: float = 0.01  # AdamW, on weights of dimension >= 2 only
+    grad_clip: float = 1.0  # max global gradient norm
+    ema_decay: float | None = None  # None: 1 - 10/steps, within [0.99, 0.9999]; ramped up as min(d, (1+k)/(10+k))
+    min_snr_gamma: float = 5.0  # loss weight min(SNR, γ)/SNR (Hang et al. 2023); 0 = the paper's plain loss
+    audio_dropout: float = 0.1  # fraction of samples seen without audio (a zero audio embedding), for --guidance
+    previous_aug: float = 0.5  # fraction of previous frames warped, blurred and noised (augment.previous_frame)
+    jitter: float = 0.3  # fraction of samples moved and re-lit as a whole (augment.shared_jitter)
+    identity_gap: float = 1.0  # seconds between the target and its identity frame, at least
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+    def resolved(self, steps: int, fine_tune: bool) -> Recipe:
+        """The recipe with every None replaced by the value this run uses."""
+        lr = self.lr if self.lr is not None else (3e-5 if fine_tune else 1e-4)
+        warmup = self.warmup if self.warmup is not None else min(500, max(1, steps // 20))
+        ema = self.ema_decay if self.ema_decay is not None else min(0.9999, max(0.99, 1 - 10 / max(steps, 1)))
+        return replace(self, lr=lr, warmup=warmup, ema_decay=ema)
+
+
+def default_steps(train_frames: int, batch: int, fine_tune: bool) -> int:
+    """Steps when --steps is not given: 30 passes over the data when fine-tuning (300 to 5,000 steps), 200 from
+    scratch (2,000 to 500,000)."""
+    epochs, low, high = (30, 300, 5_000) if fine_tune else (200, 2_000, 500_000)
+    return int(min(high, max(low, math.ceil(epochs * train_frames / batch))))
+
+
+@dataclass
+class TrainOptions:
+    """Everything `train` needs besides the data. None = the default for this data and machine."""
+
+    steps: int | None = None  # optimiser steps in all (default: default_steps)
+    batch: int = 32  # global batch: split over the processes of a data-parallel run
+    recipe: Recipe = field(default_factory=Recipe)
+    arch: UNetConfig | None = None  # from scratch: the UNet (default: the paper's); ignored with init
+    init: str | None = None  # start from these weights: a model name or a talkedit weights file
+    seed: int = 0
+    device: str | None = None  # default: CUDA when available (the local rank's GPU under torchrun)
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" or "fp32"
+    compile: bool = False  # torch.compile the UNet
+    channels_last: bool = False  # channels-last memory format (helps convolutions on recent GPUs)
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    log_every: int = 10
+    eval_samples: int = 64  # validation frames scored at each evaluation
+    strip_frames: int = 6  # validation frames sampled for the PNG strip (0: none)
+    strip_steps: int = 25  # DDIM steps for the strip
+    time_limit: float | None = None  # minutes; stop at a checkpoint before this
+    ema: bool = True  # write the EMA weights (False: the raw weights)
+    val_fraction: float | None = None  # see pack.split_pack
+    workdir: str | None = None  # checkpoints, metrics, plots (default: OUTPUT without suffix + ".train")
+    resume: bool = False  # continue from the checkpoint in workdir
+
+    def identity(self) -> dict:
+        """What a resumed run must share with the run it continues."""
+        return {"batch": self.batch, "recipe": asdict(self.recipe), "seed": self.seed, "init": self.init,
+                "arch": asdict(self.arch) if self.arch else None, "val_fraction": self.val_fraction}  # fmt: skip
+
+
+@dataclass
+class TrainResult:
+    output: Path | None  # None when stopped early (the checkpoint holds the run)
+    steps_done: int
+    steps: int
+    stopped: str | None  # why the run stopped early: "signal" or "time limit"
+    workdir: Path
+    last_eval: dict | None
+    seconds: float
+
+
+# progress(stage, done, total, note)
+TrainProgress = Callable[..., None]
+
+
+def _no_progress(*args, **kwargs) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a data-parallel run (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Processes:
+        """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when `flag` is true on any."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+
+def _device(name: str | None, processes: Processes) -> torch.device:
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", processes.local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"--device {name!r}: not a device name; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: no CUDA device here; use --device cpu.")
+    if device.type not in ("cpu", "cuda"):
+        raise TrainError(f"--device {name}: training runs on cpu or cuda.")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: the pack as tensors, and the samples of a step
+
+
+class TrainingData:
+    """A pack's arrays as tensors on the training device (the whole pack, which is small: ~1 GB per hour of 25 fps
+    footage once decoded), and the rules that turn stored frames into samples."""
+
+    def __init__(self, pack: Pack, split: Split, device: torch.device, identity_gap: float) -> None:
+        self.pack, self.split, self.device = pack, split, device
+        self.crops = torch.from_numpy(pack.crops).to(device).permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
+        self.masks = torch.from_numpy(pack.masks).to(device)[:, None]  # (N, 1, S, S) uint8
+        self.windows = torch.from_numpy(pack.windows.reshape(len(pack), -1)).to(device)  # (N, F·M) float32
+        self.previous = pack.predecessor()
+        self.previous = np.where(self.previous >= 0, self.previous, np.arange(len(pack)))  # a shot's first: itself
+        fps = np.array([float(c.fps) for c in pack.clips])
+        self.gap = np.ceil(identity_gap * fps[pack.clip]).astype(np.int64)  # (N,) frames
+        self.shift = np.round(AUDIO_SHIFT_SECONDS * fps).astype(np.int64)  # (C,) frames
+        # Identity candidates: for training frames, training frames of the same clip; for validation, any frame.
+        self.members = {
+            "train": _members_by_clip(pack, split.train),
+            "val": _members_by_clip(pack, np.arange(len(pack))),
+        }
+
+    def identity(self, index: np.ndarray, u: np.ndarray, part: str) -> np.ndarray:
+        """For stored frames `index`, a frame of the same clip at least `gap` frames away, chosen by u in [0, 1)
+        (the farthest frame when the clip is too short). Returns stored indices like `index`."""
+        out = np.empty_like(index)
+        for n, (i, x) in enumerate(zip(index, u, strict=True)):
+            members = self.members[part][self.pack.clip[i]]
+            frames = self.pack.frame[members]
+            f, gap = self.pack.frame[i], self.gap[i]
+            before = np.searchsorted(frames, f - gap, side="right")  # members[:before] are far enough before
+            after = np.searchsorted(frames, f + gap, side="left")  # members[after:] are far enough after
+            choices = before + len(frames) - after
+            if choices == 0:
+                out[n] = members[int(np.argmax(np.abs(frames - f)))]
+                continue
+            k = min(int(x * choices), choices - 1)
+            out[n] = members[k] if k < before else members[after + k - before]
+        return out
+
+    def images(self, index: np.ndarray) -> torch.Tensor:
+        """(B, 3, S, S) float in [-1, 1]."""
+        return self.crops[torch.from_numpy(index).to(self.device)].float() / 127.5 - 1
+
+    def mask(self, index: np.ndarray) -> torch.Tensor:
+        return self.masks[torch.from_numpy(index).to(self.device)].float()
+
+    def audio(self, index: np.ndarray) -> torch.Tensor:
+        return self.windows[torch.from_numpy(index).to(self.device)]
+
+    def shifted_audio(self, index: np.ndarray) -> torch.Tensor:
+        """The audio window 1 s later in the same clip (1 s earlier near its end): speech that does not go with the
+        frame, though it is the same voice and loudness. (B, F·M)."""
+        out = []
+        for i in index:
+            c = self.pack.clip[i]
+            frames, f, s = self.pack.clips[c].frames, self.pack.frame[i], self.shift[c]
+            g = f + s if f + s < frames else f - s if f - s >= 0 else (f + frames // 2) % frames
+            out.append(self.pack.clip_windows(c)[g])
+        return torch.from_numpy(np.stack(out).reshape(len(index), -1)).to(self.device)
+
+
+def _members_by_clip(pack: Pack, allowed: np.ndarray) -> dict[int, np.ndarray]:
+    """clip -> its allowed stored indices, sorted by frame (stored order is frame order within a clip)."""
+    allowed = np.sort(allowed)
+    return {int(c): allowed[pack.clip[allowed] == c] for c in np.unique(pack.clip[allowed])}
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([seed & (2**63 - 1), *keys])
+
+
+def _torch_seed(seed: int, *keys: int) -> int:
+    return int(_rng(seed, *keys).integers(2**63 - 1))
+
+
+class Batches:
+    """The samples of every step: step s takes positions s·B ... s·B + B - 1 of an endless sequence of passes over
+    the training frames, each pass in its own random order seeded by (seed, pass)."""
+
+    def __init__(self, train: np.ndarray, batch: int, seed: int) -> None:
+        self.train, self.batch, self.seed = train, batch, seed
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def _pass(self, number: int) -> np.ndarray:
+        if self._order is None or self._order[0] != number:
+            self._order = (number, _rng(self.seed, 1, number).permutation(self.train))
+        return self._order[1]
+
+    def indices(self, step: int) -> np.ndarray:
+        n = len(self.train)
+        positions = np.arange(step * self.batch, (step + 1) * self.batch)
+        return np.array([self._pass(int(p // n))[p % n] for p in positions], np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model, loss, EMA
+
+
+def new_model(config: UNetConfig) -> UNet:
+    """A UNet initialised as guided-diffusion does: PyTorch's default init, then zero output convolutions of every
+    residual block, attention block and the network, so that each block starts as the identity (spec §2.8 notes
+    that the official trainer overrides this with kaiming; we keep the zero init)."""
+    model = UNet(config)
+    for name, module in model.named_modules():
+        if name.endswith(("out_layers.3", "proj_out")) or name == "out.2":
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    return model
+
+
+def noise_levels(schedule: NoiseSchedule, u_step: torch.Tensor, u_level: torch.Tensor) -> torch.Tensor:
+    """The paper's continuous noise level (spec §3.2): t ~ U{1 .. T-1}, then ᾱ ~ U(ᾱ_{t-1}, ᾱ_t).
+
+    u_step, u_level: (B,) uniform in [0, 1). Returns ᾱ (B,) float32."""
+    steps = schedule.steps
+    alpha_bar = schedule.alpha_bar.to(u_step.device)
+    t = 1 + (u_step * (steps - 1)).long().clamp(max=steps - 1)
+    high, low = alpha_bar[t - 1], alpha_bar[t]
+    return low + (high - low) * u_level
+
+
+def masked_loss(eps_pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, alpha_bar: torch.Tensor,
+                min_snr_gamma: float) -> torch.Tensor:  # fmt: skip
+    """ε-prediction loss on the masked region: per sample the mean squared error over the mask's pixels, weighted
+    by min(SNR, γ)/SNR with SNR = ᾱ/(1-ᾱ) (min-SNR-γ; γ = 0 gives weight 1), averaged over the batch.
+
+    eps_pred, eps: (B, 3, S, S); mask: (B, 1, S, S); alpha_bar: (B,). Returns a scalar."""
+    per_pixel = (eps_pred.float() - eps) ** 2 * mask
+    per_sample = per_pixel.sum(dim=(1, 2, 3)) / (3 * mask.sum(dim=(1, 2, 3))).clamp(min=1)
+    if min_snr_gamma > 0:
+        snr = alpha_bar / (1 - alpha_bar)
+        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
+    return per_sample.mean()
+
+
+class EMA:
+    """Exponential moving average of the parameters (and copies of the buffers), with a warm-up ramp:
+    decay_k = min(decay, (1 + k)/(10 + k)) at update k, so that early updates are not dominated by the init."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay, self.updates = decay, 0
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates = state["decay"], state["updates"]
+        self.shadow = {k: v.float() for k, v in state["shadow"].items()}
+
+
+def lr_factor(step: int, warmup: int, total: int, final: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay from 1 to `final` at step `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+class Trainer:
+    """One training run: built from a pack, driven by `run`. Construct it on every rank of a data-parallel run."""
+
+    def __init__(self, pack: Pack, split: Split, output: Path, options: TrainOptions,
+                 processes: Processes | None = None, progress: TrainProgress = _no_progress) -> None:  # fmt: skip
+        self.pack, self.split, self.output, self.options = pack, split, Path(output), options
+        self.processes = processes or Processes()
+        self.progress = progress
+        self.device = _device(options.device, self.processes)
+        self.workdir = Path(options.workdir) if options.workdir else _default_workdir(self.output)
+        if options.batch < 1 or options.batch % self.processes.world:
+            raise TrainError(
+                f"--batch {options.batch}: the global batch must be a positive multiple of the {self.processes.world} "
+                "processes."
+            )
+        self.local_batch = options.batch // self.processes.world
+        self.autocast = _autocast_dtype(options.precision, self.device)
+
+        # The model: from weights (fine-tuning) or new.
+        self.init_provenance: dict = {"from": "scratch"}
+        if options.init:
+            self.model, self.diffusion, self.init_provenance = _initial_weights(options.init)
+        else:
+            self.model, self.diffusion = new_model(options.arch or UNetConfig()), DiffusionConfig()
+        self.config = self.model.config
+        _check_model_fits_pack(self.config, pack)
+        fine_tune = options.init is not None
+        self.steps = options.steps or default_steps(len(split.train), options.batch, fine_tune)
+        if self.steps < 1:
+            raise TrainError(f"--steps {self.steps}: train at least one step.")
+        self.recipe = options.recipe.resolved(self.steps, fine_tune)
+        self.model.to(self.device)
+        if options.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.model.train()
+
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.recipe.weight_decay}, {"params": no_decay, "weight_decay": 0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=self.recipe.lr, betas=self.recipe.betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.recipe.warmup, self.steps, self.recipe.final_lr)
+        )
+        self.ema = EMA(self.model, self.recipe.ema_decay) if options.ema else None
+        self.network = self.model
+        if self.processes.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.network = DistributedDataParallel(self.model, device_ids=ids)
+        if options.compile:
+            self.network = torch.compile(self.network)
+
+        self.schedule = NoiseSchedule.cosine(self.diffusion.train_steps, self.diffusion.cosine_s,
+                                             self.diffusion.max_beta).to(self.device)  # fmt: skip
+        self.data = TrainingData(pack, split, self.device, self.recipe.identity_gap)
+        self.batches = Batches(split.train, options.batch, options.seed)
+        self.step = 0
+        self.elapsed = 0.0  # training seconds of earlier runs of this training (resumed)
+        self._stop_signal: int | None = None
+        self._val_note = ""
+
+    # -- one step -----------------------------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> float:
+        """One optimiser step on this rank's slice of the global batch. Returns this rank's loss."""
+        options, recipe, data = self.options, self.recipe, self.data
+        batch, lo = options.batch, self.processes.rank * self.local_batch
+        hi = lo + self.local_batch
+        rng = _rng(options.seed, 2, step)
+        index = self.batches.indices(step)
+        identity = data.identity(index, rng.random(batch), "train")
+        # All random tensors of the global batch, in a fixed order, from one generator; this rank uses its slice.
+        gen = torch.Generator(self.device).manual_seed(_torch_seed(options.seed, 3, step))
+        size = self.config.image_size
+
+        def uniform(*shape: int) -> torch.Tensor:
+            return torch.rand(shape, generator=gen, device=self.device)[lo:hi]
+
+        def normal(*shape: int) -> torch.Tensor:
+            return torch.randn(shape, generator=gen, device=self.device)[lo:hi]
+
+        u_step, u_level, u_drop = uniform(batch), uniform(batch), uniform(batch)
+        u_jitter, u_previous = uniform(batch, JITTER_PARAMS), uniform(batch, PREVIOUS_PARAMS)
+        eps = normal(batch, 3, size, size)
+        previous_noise = normal(batch, 3, size, size)
+
+        mine = index[lo:hi]
+        target, previous = data.images(mine), data.images(data.previous[mine])
+        ident, mask = data.images(identity[lo:hi]), data.mask(mine)
+        (target, previous, ident), mask = shared_jitter([target, previous, ident], mask, u_jitter, recipe.jitter)
+        previous = previous_frame(previous, u_previous, previous_noise, recipe.previous_aug)
+        alpha_bar = noise_levels(self.schedule, u_step, u_level)
+        a = alpha_bar[:, None, None, None]
+        noisy = a.sqrt() * target + (1 - a).sqrt() * eps
+        x = torch.cat([noisy * mask + (1 - mask) * target, previous, ident], dim=1)
+        dropped = u_drop < recipe.audio_dropout
+        if self.options.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        torch.manual_seed(_torch_seed(options.seed, 4, step, self.processes.rank))  # dropout inside the UNet
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            eps_pred = self.network(x, alpha_bar, data.audio(mine), dropped)
+        loss = masked_loss(eps_pred, eps, mask, alpha_bar, recipe.min_snr_gamma)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return float(loss.detach())
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        from .monitor import MetricsLog
+
+        main = self.processes.main
+        if main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(self.workdir) if main else None
+        started = time.perf_counter()
+        limit = self.options.time_limit * 60 if self.options.time_limit else None
+        previous_handlers = self._catch_signals()
+        stopped, last_eval = None, None
+        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        step_seconds = 0.0
+        try:
+            if self.step == 0 and self.options.eval_every > 0:
+                last_eval = self._evaluate(metrics)
+            while self.step < self.steps:
+                t = time.perf_counter()
+                loss = self.train_step(self.step)
+                self.step += 1
+                step_seconds = time.perf_counter() - t
+                window_loss, window_steps = window_loss + loss, window_steps + 1
+                if self.step % self.options.log_every == 0 or self.step == self.steps:
+                    seconds = time.perf_counter() - window_start
+                    rate = window_steps * self.options.batch / max(seconds, 1e-9)
+                    record = {"step": self.step, "loss": window_loss / window_steps,
+                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate}  # fmt: skip
+                    if metrics:
+                        metrics.write(record)
+                    note = f"loss {record['loss']:.4f}  {rate:.1f} samples/s  {self._val_note}"
+                    self.progress("train", self.step, self.steps, note)
+                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                if self.options.eval_every > 0 and (
+                    self.step % self.options.eval_every == 0 or self.step == self.steps
+                ):
+                    last_eval = self._evaluate(metrics)
+                out_of_time = limit is not None and time.perf_counter() - started + 3 * step_seconds + 5 >= limit
+                stop = self.processes.any(self._stop_signal is not None or out_of_time, self.device)
+                if stop and self.step < self.steps:
+                    stopped = "time limit" if out_of_time and self._stop_signal is None else "signal"
+                    break
+                if self.options.checkpoint_every > 0 and self.step % self.options.checkpoint_every == 0:
+                    self.save_checkpoint(time.perf_counter() - started)
+        finally:
+            self._restore_signals(previous_handlers)
+        seconds = time.perf_counter() - started
+        self.save_checkpoint(seconds)
+        output = None
+        if stopped is None:
+            output = self.output
+            if main:
+                self.write_weights(output)
+        self.processes.barrier()
+        return TrainResult(output, self.step, self.steps, stopped, self.workdir, last_eval, seconds)
+
+    def _catch_signals(self) -> dict:
+        """Ctrl-C and SIGTERM finish the current step, save a checkpoint and stop (exit 0)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame) -> None:
+            self._stop_signal = signum
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_signals(handlers: dict) -> None:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+    # -- output -------------------------------------------------------------------------------------------------
+
+    def output_state(self) -> dict[str, torch.Tensor]:
+        """The weights to write: the EMA (default) or the raw parameters, fp32 on the CPU."""
+        if self.ema is not None:
+            return {k: v.cpu() for k, v in self.ema.shadow.items()}
+        return {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+
+    def provenance(self) -> dict:
+        return {
+            "source": "talkedit train",
+            "talkedit": __version__,
+            "init": self.init_provenance,
+            "recipe": asdict(self.recipe),
+            "steps": self.step,
+            "batch": self.options.batch,
+            "seed": self.options.seed,
+            "weights": "ema" if self.ema is not None else "raw",
+            "data": {
+                "pack_sha256": self.pack.sha256,
+                "clips": [{"name": c.name, "sha256": c.sha256, "frames": c.frames} for c in self.pack.clips],
+                "split": self.split.describe(self.pack),
+            },
+        }
+
+    def write_weights(self, path: Path) -> None:
+        from .weights import save_weights
+
+        save_weights(path, self.output_state(), self.config, self.diffusion, self.provenance())
+
+    def output_model(self) -> UNet:
+        """The model as it would be written (EMA or raw), for evaluation, in eval mode on the training device."""
+        model = UNet(self.config).to(self.device)
+        model.load_state_dict(self.output_state())
+        model.diffusion = self.diffusion
+        return model.eval()
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.workdir / "checkpoint.pt"
+
+    def save_checkpoint(self, seconds: float) -> None:
+        """Everything needed to continue exactly (rank 0 writes; written to a temporary file, then renamed)."""
+        if not self.processes.main:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "steps": self.steps,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "identity": self.options.identity(),
+            "unet_config": self.config.to_json(),
+            "diffusion_config": self.diffusion.to_json(),
+            "init_provenance": self.init_provenance,
+            "pack_sha256": self.pack.sha256,
+            "rng": {"seed": self.options.seed, "step": self.step},  # every stream is a function of these
+            "elapsed": self.elapsed + seconds,
+        }
+        tmp = self.checkpoint_path.with_name(f".checkpoint.{os.getpid()}.tmp")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.checkpoint_path)
+        except OSError as exc:
+            raise TrainError(f"{self.checkpoint_path}: cannot save the checkpoint ({exc.strerror}).") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self) -> None:
+        """Continue from the workdir's checkpoint. Raises TrainError when it belongs to other data or settings."""
+        path = self.checkpoint_path
+        if not path.is_file():
+            raise TrainError(f"{path}: no checkpoint to resume from; start without --resume.")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:
+            raise TrainError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]}).") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise TrainError(f"{path}: not a talkedit training checkpoint.")
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise TrainError(f"{path}: a checkpoint of another talkedit version; start a new run in another folder.")
+        if state["pack_sha256"] != self.pack.sha256:
+            raise TrainError(f"{path}: this checkpoint was trained on other data; give the same videos or pack.")
+        if state["identity"] != self.options.identity():
+            theirs, ours = state["identity"], self.options.identity()
+            changed = ", ".join(k for k in ours if ours[k] != theirs.get(k))
+            raise TrainError(f"{path}: this checkpoint was trained with other settings ({changed}); use the same ones.")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict({**state["ema"], "decay": self.recipe.ema_decay})
+        self.step = state["step"]
+        self.elapsed = state["elapsed"]
+        self.init_provenance = state["init_provenance"]
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+
+    def _evaluate(self, metrics) -> dict | None:
+        """Rank 0 scores the validation split; the others wait."""
+        result = None
+        if self.processes.main:
+            from .monitor import plot_metrics, sample_strip
+
+            model = self.output_model()
+            result = {"step": self.step, **validation_error(model, self.data, self.options.eval_samples)}
+            if metrics is not None:
+                metrics.write(result)
+                plot_metrics(metrics.records, self.workdir / "train.png")
+            if self.options.strip_frames > 0:
+                sample_strip(model, self.data, self.options.strip_frames, self.options.strip_steps,
+                             self.workdir / f"samples-{self.step:07d}.png")  # fmt: skip
+            self._val_note = f"val {result['val_error']:.4f}  audio-shift ratio {result['audio_ratio']:.3f}"
+            self.progress("train", self.step, self.steps, self._val_note)
+        self.processes.barrier()
+        return result
+
+
+def evaluation_set(data: TrainingData, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `count` validation frames evenly spread, and an identity frame for each (fixed, not random)."""
+    val = data.split.val
+    index = val[np.linspace(0, len(val) - 1, min(count, len(val))).round().astype(int)]
+    return index, data.identity(index, np.full(len(index), 0.5), "val")
+
+
+@torch.no_grad()
+def validation_error(model: UNet, data: TrainingData, count: int) -> dict:
+    """Masked-region error of one-step denoising on validation frames at fixed noise levels (EVAL_STEPS of the
+    T = 1000 schedule), with each frame's own audio and with the audio 1 s away.
+
+    The error is the mean squared difference, inside the mask, between the true crop and the x̂_0 the model
+    implies from one noisy version of it (pixels in [-1, 1]). `audio_ratio` = error with shifted audio / error with
+    the true audio: about 1.0 when the model ignores the audio, above 1 when it listens.
+    """
+    device = next(model.parameters()).device
+    index, identity = evaluation_set(data, count)
+    schedule = NoiseSchedule.cosine(1000)
+    gen = torch.Generator().manual_seed(1234)
+    target, mask = data.images(index), data.mask(index)
+    previous, ident = data.images(data.previous[index]), data.images(identity)
+    audios = {"true": data.audio(index), "shifted": data.shifted_audio(index)}
+    errors: dict[str, dict[int, float]] = {"true": {}, "shifted": {}}
+    for t in EVAL_STEPS:
+        a = float(schedule.alpha_bar[t])
+        eps = torch.randn(target.shape, generator=gen).to(device)
+        noisy = math.sqrt(a) * target + math.sqrt(1 - a) * eps
+        x = torch.cat([noisy * mask + (1 - mask) * target, previous, ident], dim=1)
+        gamma = torch.full((len(index),), a, device=device)
+        for name, audio in audios.items():
+            eps_pred = torch.cat([model(x[i : i + 16], gamma[i : i + 16], audio[i : i + 16]).float()
+                                  for i in range(0, len(index), 16)])  # fmt: skip
+            x0 = ((x[:, :3] - math.sqrt(1 - a) * eps_pred) / math.sqrt(a)).clamp(-1, 1)
+            err = ((x0 - target) ** 2 * mask).sum(dim=(1, 2, 3)) / (3 * mask.sum(dim=(1, 2, 3))).clamp(min=1)
+            errors[name][t] = float(err.mean())
+    true, shifted = np.mean(list(errors["true"].values())), np.mean(list(errors["shifted"].values()))
+    return {
+        "val_error": float(true),
+        "val_error_shifted": float(shifted),
+        "audio_ratio": float(shifted / max(true, 1e-12)),
+        "val_error_by_step": {str(t): e for t, e in errors["true"].items()},
+        "val_frames": len(index),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _default_workdir(output: Path) -> Path:
+    return output.with_name(output.name.removesuffix(output.suffix) + ".train")
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise TrainError(f"--precision {precision!r}: choose auto, bf16 or fp32.")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def _initial_weights(init: str) -> tuple[UNet, DiffusionConfig, dict]:
+    """The model to fine-tune: a model name, a talkedit weights file, or an official checkpoint (.pth, imported)."""
+    from .weights import build_model, read_weights, resolve_weights_path
+
+    path = Path(init).expanduser()
+    if path.suffix.lower() == ".pth" and path.is_file():
+        import tempfile
+
+        from .checkpoint import import_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="talkedit-init-") as scratch:
+            converted = Path(scratch) / "init.safetensors"
+            import_checkpoint(path, converted)
+            weights = read_weights(converted)
+    else:
+        weights = read_weights(resolve_weights_path(init))
+    model = build_model(weights)
+    provenance = {"from": str(init), "provenance": weights.provenance}
+    return model, weights.diffusion_config, provenance
+
+
+def _check_model_fits_pack(config: UNetConfig, pack: Pack) -> None:
+    from .audio import N_MELS, WINDOW_FRAMES
+
+    wanted = (pack.crops.shape[1], 9, WINDOW_FRAMES, N_MELS)
+    if (config.image_size, config.in_channels, config.audio_frames, config.audio_bins) != wanted:
+        raise TrainError(
+            f"the model takes {config.image_size} px crops and {config.audio_frames}x{config.audio_bins} audio "
+            f"windows; the data has {wanted[0]} px and {WINDOW_FRAMES}x{N_MELS}. Use a model made for talkedit."
+        )
+
+
+def train(
+    inputs: list[str | os.PathLike],
+    output: str | os.PathLike,
+    options: TrainOptions | None = None,
+    *,
+    progress: TrainProgress = _no_progress,
+    build: dict | None = None,
+) -> TrainResult:
+    """Train (or fine-tune) a model on videos with their own speech, or on a pack, and write it to `output`.
+
+    `inputs`: one pack file, or videos / folders / text lists (made into a pack in the workdir first: this needs
+    the full talkedit install; `build` passes face, analysis_dir and offline to build_pack). Under torchrun, rank 0
+    builds the pack and the other ranks wait for it. Returns when done, or when stopped by a signal or the time
+    limit (then `output` is None and the checkpoint holds the run: call again with resume=True).
+    """
+    from .pack import PackError, build_pack, find_videos, read_pack, split_pack
+
+    options = options or TrainOptions()
+    output = Path(output)
+    processes = Processes.from_env()
+    workdir = Path(options.workdir) if options.workdir else _default_workdir(output)
+    _check_output(output, workdir, options)
+    given = [Path(p) for p in inputs]
+    if len(given) == 1 and given[0].suffix == ".pack" and given[0].is_file():
+        pack_path = given[0]
+    else:
+        find_videos(given)  # every rank checks the inputs exist: a one-line error rather than a hang
+        pack_path = workdir / "data.pack"
+        failure = None
+        if processes.main and not (options.resume and pack_path.is_file()):
+            workdir.mkdir(parents=True, exist_ok=True)
+            try:
+                build_pack(given, pack_path, progress=progress, **(build or {}))
+            except TalkeditError as exc:
+                failure = exc
+        if processes.any(failure is not None, _device(options.device, processes)):
+            raise failure or PackError("the data could not be packed; see the first process's error.")
+    pack = read_pack(pack_path)
+    split = split_pack(pack, options.val_fraction)
+    trainer = Trainer(pack, split, output, replace(options, workdir=str(workdir)), processes, progress)
+    if options.resume:
+        trainer.load_checkpoint()
+    elif trainer.checkpoint_path.exists():
+        raise TrainError(
+            f"{trainer.checkpoint_path}: a training run is already here; continue it with --resume, or choose "
+            "another --workdir."
+        )
+    return trainer.run()
+
+
+def _check_output(output: Path, workdir: Path, options: TrainOptions) -> None:
+    if output.suffix.lower() != ".safetensors":
+        raise TrainError(f"{output}: the model is written as a .safetensors file; name it NAME.safetensors.")
+    if output.is_dir():
+        raise TrainError(f"{output}: is a folder; give a file name for the model.")
+    if not output.parent.exists() or not os.access(output.parent, os.W_OK):
+        raise TrainError(f"{output.parent}: cannot write here; choose another folder for the model.")
+    if workdir.exists() and not workdir.is_dir():
+        raise TrainError(f"{workdir}: exists and is not a folder; choose another --workdir.")
