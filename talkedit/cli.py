@@ -391,10 +391,15 @@ def train(
     ] = 0.1,
     previous_aug: Annotated[float, typer.Option(help="Fraction of previous frames warped, blurred and noised.")] = 0.5,
     jitter: Annotated[float, typer.Option(help="Fraction of samples shifted and re-lit as a whole.")] = 0.3,
+    dropout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Dropout in the UNet's residual blocks (default: the model's, 0.1)."),
+    ] = None,
     ema: Annotated[
         bool, typer.Option("--ema/--no-ema", help="Write the EMA weights (default) or the raw ones.")
     ] = True,
     eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: never).")] = 500,
+    eval_samples: Annotated[int, typer.Option(min=1, help="Validation frames scored each time.")] = 64,
     checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps.")] = 500,
     time_limit: Annotated[
         Optional[float],  # noqa: UP045
@@ -442,7 +447,8 @@ def train(
     recipe = Recipe(lr=lr, warmup=warmup, ema_decay=ema_decay, min_snr_gamma=min_snr_gamma,
                     audio_dropout=audio_dropout, previous_aug=previous_aug, jitter=jitter)  # fmt: skip
     options = TrainOptions(
-        steps=steps, batch=batch, recipe=recipe, arch=ARCHITECTURES[arch], init=init, seed=seed, device=device,
+        steps=steps, batch=batch, recipe=recipe, arch=ARCHITECTURES[arch], init=init, dropout=dropout, seed=seed,
+        device=device, eval_samples=eval_samples,
         precision=precision, compile=compile_model, channels_last=channels_last, eval_every=eval_every,
         checkpoint_every=checkpoint_every, time_limit=time_limit, ema=ema, val_fraction=val_fraction,
         workdir=str(workdir) if workdir else None, resume=resume,
@@ -458,15 +464,15 @@ def train(
                    "steps": result.steps, "stopped": result.stopped, "workdir": str(result.workdir),
                    "last_eval": result.last_eval, "seconds": round(result.seconds, 3)}  # fmt: skip
         typer.echo(json.dumps(summary))
-    if quiet:
-        return
-    if result.stopped:
+    if result.stopped:  # said even with --quiet: the run is not finished
         stderr.print(
             f"[bold yellow]Stopped[/] ({result.stopped}) at step {result.steps_done} of {result.steps}; the checkpoint "
             f"is in {result.workdir}. Continue with the same command and [bold]--resume[/].",
             highlight=False,
             soft_wrap=True,
         )
+        return
+    if quiet:
         return
     last = result.last_eval
     scores = f" Validation error {last['val_error']:.4f}, audio-shift ratio {last['audio_ratio']:.3f}." if last else ""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -97,6 +98,7 @@ class TrainOptions:
     recipe: Recipe = field(default_factory=Recipe)
     arch: UNetConfig | None = None  # from scratch: the UNet (default: the paper's); ignored with init
     init: str | None = None  # start from these weights: a model name or a talkedit weights file
+    dropout: float | None = None  # dropout inside the UNet's residual blocks (default: the model's, 0.1)
     seed: int = 0
     device: str | None = None  # default: CUDA when available (the local rank's GPU under torchrun)
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" or "fp32"
@@ -117,7 +119,8 @@ class TrainOptions:
     def identity(self) -> dict:
         """What a resumed run must share with the run it continues."""
         return {"batch": self.batch, "recipe": asdict(self.recipe), "seed": self.seed, "init": self.init,
-                "arch": asdict(self.arch) if self.arch else None, "val_fraction": self.val_fraction}  # fmt: skip
+                "arch": asdict(self.arch) if self.arch else None, "val_fraction": self.val_fraction,
+                "dropout": self.dropout}  # fmt: skip
 
 
 @dataclass
@@ -399,7 +402,10 @@ class Trainer:
         if options.init:
             self.model, self.diffusion, self.init_provenance = _initial_weights(options.init)
         else:
+            torch.manual_seed(_torch_seed(options.seed, 0))  # the initial weights follow the seed
             self.model, self.diffusion = new_model(options.arch or UNetConfig()), DiffusionConfig()
+        if options.dropout is not None:
+            self.model = _with_dropout(self.model, options.dropout)
         self.config = self.model.config
         _check_model_fits_pack(self.config, pack)
         fine_tune = options.init is not None
@@ -771,6 +777,18 @@ def _initial_weights(init: str) -> tuple[UNet, DiffusionConfig, dict]:
     return model, weights.diffusion_config, provenance
 
 
+def _with_dropout(model: UNet, p: float) -> UNet:
+    """The same model with dropout p in every residual block (the config records it)."""
+    if not 0 <= p < 1:
+        raise TrainError(f"--dropout {p}: give a fraction from 0 up to 1.")
+    changed = UNet(replace(model.config, dropout=p))
+    changed.load_state_dict(model.state_dict())
+    for name in ("diffusion", "provenance"):
+        if hasattr(model, name):
+            setattr(changed, name, getattr(model, name))
+    return changed
+
+
 def _check_model_fits_pack(config: UNetConfig, pack: Pack) -> None:
     from .audio import N_MELS, WINDOW_FRAMES
 
@@ -812,11 +830,14 @@ def train(
         pack_path = workdir / "data.pack"
         failure = None
         if processes.main and not (options.resume and pack_path.is_file()):
+            created = not workdir.exists()
             workdir.mkdir(parents=True, exist_ok=True)
             try:
                 build_pack(given, pack_path, progress=progress, **(build or {}))
             except TalkeditError as exc:
                 failure = exc
+                if created:  # leave nothing behind
+                    shutil.rmtree(workdir, ignore_errors=True)
         if processes.any(failure is not None, _device(options.device, processes)):
             raise failure or PackError("the data could not be packed; see the first process's error.")
     pack = read_pack(pack_path)

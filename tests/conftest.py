@@ -30,6 +30,19 @@ def reference_unet(unet_reference) -> UNet:
 
 
 @pytest.fixture(scope="session")
+def official_dir(tmp_path_factory, unet_reference, sampler_reference):
+    """A checkpoint folder as the Palette trainer leaves it, made from the fixture tensors."""
+    from talkedit.checkpoint import SCHEDULE_BUFFERS
+
+    folder = tmp_path_factory.mktemp("checkpoint")
+    params = {k: v for k, v in unet_reference.items() if k.startswith("denoise_fn.")}
+    buffers = {name: sampler_reference[f"schedule.train.{name}"] for name in SCHEDULE_BUFFERS}
+    torch.save({**params, **buffers}, folder / "735_Network.pth")
+    torch.save(params, folder / "735_Network_ema.pth")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def talkedit_home(tmp_path_factory):
     """A talkedit cache holding the face landmarker (from ../shared/models) and a tiny 128 px model.
 

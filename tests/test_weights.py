@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import talkedit
-from talkedit.checkpoint import SCHEDULE_BUFFERS, import_checkpoint
+from talkedit.checkpoint import import_checkpoint
 from talkedit.cli import app
 from talkedit.diffusion import DiffusionConfig
 from talkedit.errors import CheckpointError, WeightsError
@@ -23,17 +23,6 @@ from talkedit.weights import read_manifest, read_weights, save_weights
 from .common import TINY, random_tiny_model, run_talkedit
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def official_dir(tmp_path_factory, unet_reference, sampler_reference) -> Path:
-    """A checkpoint folder as the Palette trainer leaves it, made from the fixture tensors."""
-    folder = tmp_path_factory.mktemp("checkpoint")
-    params = {k: v for k, v in unet_reference.items() if k.startswith("denoise_fn.")}
-    buffers = {name: sampler_reference[f"schedule.train.{name}"] for name in SCHEDULE_BUFFERS}
-    torch.save({**params, **buffers}, folder / "735_Network.pth")
-    torch.save(params, folder / "735_Network_ema.pth")
-    return folder
 
 
 def sha256(path: Path) -> str:

@@ -1,0 +1,286 @@
+"""`talkedit pack` and `talkedit train`: the data, the samples, learning, data-parallel equality, resuming, fine-tuning
+an official checkpoint, and bad inputs. Real clips from ../shared/media, small models, CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
+
+from talkedit.pack import MEL_STEP, build_pack, read_pack, split_pack
+from talkedit.train import SMALL, Recipe, Trainer, TrainingData, TrainOptions, masked_loss, train
+from talkedit.unet import UNetConfig
+
+from .common import REPO, media, run_talkedit
+
+CLIPS = ["grid_lwbsza_female_360x288_25fps.mpg", "grid_swiz3n_black_male_360x288_25fps.mpg"]
+# Fast enough for a few hundred steps on a CPU in a test; 128 px, as the pack's crops.
+TEST_ARCH = UNetConfig(base_channels=16, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
+                       head_channels=16, norm_groups=8, dropout=0.0)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_clips(talkedit_home, tmp_path_factory) -> Path:
+    """A pack of two real GRID clips (3 s each, their own speech)."""
+    folder = tmp_path_factory.mktemp("pack")
+    return build_pack([media(c) for c in CLIPS], folder / "two.pack", analysis_dir=folder / "analysis", offline=True)
+
+
+def test_pack_keeps_crops_masks_and_speech_features_of_the_clips(two_clips, talkedit_home):
+    from talkedit.analysis import preprocess
+    from talkedit.audio import frame_windows, mel_spectrogram
+    from talkedit.media import decode_speech, read_audio
+
+    pack = read_pack(two_clips)
+    assert [c.name for c in pack.clips] == CLIPS
+    for c, name in enumerate(CLIPS):
+        analysis = preprocess(media(name), output_dir=two_clips.parent / "analysis", offline=True)
+        rows = pack.clip == c
+        assert (pack.frame[rows] == np.flatnonzero(analysis.tracked)).all()
+        crops = np.asarray(analysis.crops)[pack.frame[rows]].astype(float)
+        psnr = 10 * np.log10(255**2 / ((crops - pack.crops[rows]) ** 2).mean())
+        assert psnr > 37, psnr  # visually lossless
+        assert (pack.masks[rows] == np.asarray(analysis.masks)[pack.frame[rows]]).all()
+        # The audio windows are dub's own, up to the 8-bit mel quantisation.
+        wav = read_audio(decode_speech(media(name), two_clips.parent / "speech.wav"))
+        windows = frame_windows(mel_spectrogram(wav), analysis.frame_count, analysis.video.fps)[pack.frame[rows]]
+        assert np.abs(windows - pack.windows[rows]).max() <= MEL_STEP / 2 + 1e-4
+    # 15 minutes of 25 fps footage must fit in 40 MiB.
+    per_frame = two_clips.stat().st_size / len(pack)
+    assert per_frame * 15 * 60 * 25 < 40 * 2**20, per_frame
+
+
+def test_pack_is_read_and_trained_on_with_only_torch_numpy_safetensors_and_opencv(two_clips, tmp_path):
+    """What the GPU machines offer: no mediapipe, librosa, typer, rich or ffmpeg binary."""
+    script = f"""
+import sys
+for name in ("mediapipe", "librosa", "typer", "rich", "imageio_ffmpeg", "ffmpeg", "huggingface_hub"):
+    sys.modules[name] = None  # importing any of them now fails
+from talkedit.train import TrainOptions, train
+from talkedit.unet import UNetConfig
+arch = UNetConfig(**{TEST_ARCH.__dict__!r})
+result = train([{str(two_clips)!r}], {str(tmp_path / "m.safetensors")!r},
+               TrainOptions(steps=2, batch=2, arch=arch, eval_every=2, eval_samples=2, strip_frames=2, strip_steps=2))
+print("trained", result.steps_done)
+"""
+    env = {**os.environ, "PATH": "/nonexistent", "TALKEDIT_FFMPEG": "/nonexistent/ffmpeg"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trained 2" in proc.stdout
+    assert (tmp_path / "m.safetensors").is_file() and (tmp_path / "m.train" / "train.png").is_file()
+
+
+def test_validation_is_split_by_clip_or_by_time_for_one_clip(two_clips, tmp_path):
+    pack = read_pack(two_clips)
+    split = split_pack(pack)
+    assert set(pack.clip[split.train]) == {0} and set(pack.clip[split.val]) == {1}
+    assert split.describe(pack)["val_clips"] == [CLIPS[1]]
+    one = build_pack([media(CLIPS[0])], tmp_path / "one.pack", analysis_dir=two_clips.parent / "analysis", offline=True)
+    single = read_pack(one)
+    split = split_pack(single, 0.2)
+    assert single.frame[split.train].max() < single.frame[split.val].min()  # a contiguous tail
+    assert abs(len(split.val) - 0.2 * len(single)) <= 1
+    assert split.describe(single)["by"] == "time"
+
+
+def test_samples_pair_each_frame_with_its_predecessor_and_a_distant_identity(two_clips):
+    pack = read_pack(two_clips)
+    split = split_pack(pack)
+    data = TrainingData(pack, split, torch.device("cpu"), identity_gap=1.0)
+    prev = pack.predecessor()
+    has = prev >= 0
+    assert (pack.frame[prev[has]] == pack.frame[has] - 1).all() and (pack.clip[prev[has]] == pack.clip[has]).all()
+    assert (data.previous[~has] == np.flatnonzero(~has)).all()  # a shot's first frame conditions on itself
+    rng = np.random.default_rng(0)
+    index = rng.choice(split.train, 200)
+    identity = data.identity(index, rng.random(200), "train")
+    assert (pack.clip[identity] == pack.clip[index]).all()
+    assert (np.abs(pack.frame[identity] - pack.frame[index]) >= 25).all()  # >= 1 s at 25 fps
+    assert np.isin(identity, split.train).all()  # training never looks at validation frames
+
+
+def test_masked_loss_counts_only_the_mask_and_weights_by_min_snr():
+    eps = torch.zeros(2, 3, 4, 4)
+    pred = torch.ones(2, 3, 4, 4)
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[:, :, 2:] = 1
+    pred[:, :, :2] = 100  # outside the mask: ignored
+    alpha_bar = torch.tensor([0.5, 0.99])  # SNR 1 and 99
+    assert masked_loss(pred, eps, mask, alpha_bar, 0) == pytest.approx(1.0)
+    assert masked_loss(pred, eps, mask, alpha_bar, 5.0) == pytest.approx((1 + 5 / 99) / 2)
+
+
+def test_a_few_hundred_steps_learn_to_denoise_the_held_out_clip(two_clips, tmp_path):
+    """From scratch on one clip, validated on the other person: the error falls well below the untrained model's."""
+    from talkedit.weights import load_model
+
+    options = TrainOptions(steps=200, batch=4, arch=TEST_ARCH, recipe=Recipe(lr=1e-3), eval_every=200,
+                           eval_samples=16, strip_frames=3, strip_steps=3, log_every=20)  # fmt: skip
+    result = train([two_clips], tmp_path / "m.safetensors", options)
+    records = [json.loads(line) for line in (result.workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_error" in r]
+    assert [r["step"] for r in evals] == [0, 200]
+    assert evals[1]["val_error"] < 0.5 * evals[0]["val_error"], evals
+    assert (result.workdir / "train.png").is_file() and (result.workdir / "samples-0000200.png").is_file()
+    model = load_model(result.output, device="cpu")
+    assert model.config == TEST_ARCH
+    provenance = model.provenance
+    assert provenance["steps"] == 200 and provenance["weights"] == "ema"
+    assert provenance["data"]["split"]["val_clips"] == [CLIPS[1]]
+    assert [c["sha256"] for c in provenance["data"]["clips"]] == [c.sha256 for c in read_pack(two_clips).clips]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _max_difference(a: Path, b: Path) -> float:
+    wa, wb = _weights(a), _weights(b)
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+TRAIN_ARGS = ["--arch", "small", "--eval-every", "0", "--dropout", "0", "--quiet", "--no-ema"]
+
+
+def test_two_processes_under_torchrun_match_one_process_with_the_same_global_batch(two_clips, tmp_path):
+    """Tolerance: 2e-5 after 3 AdamW steps at lr 1e-4 (the order of the gradient sum differs); the same run with
+    another global batch differs by far more."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "talkedit"]
+    args = ["train", str(two_clips), "--steps", "3", *TRAIN_ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([*torchrun, *args, "--batch", "4", "-o", str(tmp_path / "two.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_talkedit(*args, "--batch", "4", "-o", str(tmp_path / "one.safetensors"))
+    assert one.returncode == 0, one.stderr
+    other = run_talkedit(*args, "--batch", "2", "-o", str(tmp_path / "other.safetensors"))
+    assert other.returncode == 0, other.stderr
+    same = _max_difference(tmp_path / "one.safetensors", tmp_path / "two.safetensors")
+    different = _max_difference(tmp_path / "one.safetensors", tmp_path / "other.safetensors")
+    assert same < 2e-5, same
+    assert different > 10 * same and different > 1e-5, (same, different)
+
+
+def test_sigterm_saves_a_checkpoint_and_resuming_ends_where_an_uninterrupted_run_ends(two_clips, tmp_path):
+    args = ["train", str(two_clips), "--steps", "10", "--batch", "2", "--checkpoint-every", "1", *TRAIN_ARGS]
+    whole = run_talkedit(*args, "-o", str(tmp_path / "whole.safetensors"))
+    assert whole.returncode == 0, whole.stderr
+
+    out = tmp_path / "cut.safetensors"
+    exe = Path(sys.executable).with_name("talkedit")
+    proc = subprocess.Popen([str(exe), *args, "-o", str(out)], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "300"})  # fmt: skip
+    checkpoint = tmp_path / "cut.train" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert not out.exists()
+    steps_done = torch.load(checkpoint, weights_only=True)["step"]
+    assert 1 <= steps_done < 10, steps_done
+    assert "--resume" in err and "Stopped" in err
+
+    resumed = run_talkedit(*args, "-o", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    wa, wb = _weights(tmp_path / "whole.safetensors"), _weights(out)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit for bit
+
+
+def test_time_limit_stops_at_a_checkpoint_and_the_resumed_run_is_the_uninterrupted_one(two_clips, tmp_path):
+    def options(**changes) -> TrainOptions:
+        base = dict(steps=6, batch=2, arch=TEST_ARCH, eval_every=0, checkpoint_every=100)
+        return TrainOptions(**{**base, **changes})
+
+    whole = train([two_clips], tmp_path / "whole.safetensors", options())
+    cut = train([two_clips], tmp_path / "cut.safetensors", options(time_limit=1e-4))
+    assert cut.stopped == "time limit" and cut.output is None and cut.steps_done < 6
+    resumed = train([two_clips], tmp_path / "cut.safetensors", options(resume=True))
+    assert resumed.steps_done == 6
+    wa, wb = _weights(whole.output), _weights(resumed.output)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fine_tuning_an_official_checkpoint_gives_a_model_that_dubs(two_clips, official_dir, talkedit_home, tmp_path):
+    checkpoint = official_dir / "735_Network.pth"
+    model = tmp_path / "me.safetensors"
+    proc = run_talkedit("train", str(two_clips), "-o", str(model), "--init", str(checkpoint), "--steps", "2",
+                        "--batch", "2", "--eval-every", "2", "--eval-samples", "2", "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    from talkedit.checkpoint import import_checkpoint
+    from talkedit.weights import load_model, read_weights
+
+    import_checkpoint(checkpoint, tmp_path / "official.safetensors")
+    before, after = read_weights(tmp_path / "official.safetensors"), read_weights(model)
+    assert after.unet_config == before.unet_config
+    moved = [k for k in before.state_dict if not torch.equal(before.state_dict[k], after.state_dict[k])]
+    assert len(moved) > 0.9 * len(before.state_dict)  # it trained
+    assert after.provenance["init"]["from"] == str(checkpoint)
+    assert load_model(model, device="cpu").diffusion == before.diffusion_config
+
+    video = tmp_path / "dubbed.mp4"
+    dub = run_talkedit("dub", str(media(CLIPS[0])), str(media("en_short_voice_recording_22k05_mono_1.8s.m4a")),
+                       "-o", str(video), "--model", str(model), "--steps", "1", "--offline", "--quiet",
+                       "--analysis-dir", str(two_clips.parent / "analysis"))  # fmt: skip
+    assert dub.returncode == 0, dub.stderr
+    assert video.stat().st_size > 10_000
+
+
+def _lavfi(path: Path, *source: str) -> Path:
+    from talkedit.media import ffmpeg_exe
+
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", *source, str(path)], check=True)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["video-without-audio", "no-face", "empty-folder", "pack-of-another-version"])
+def test_bad_training_input_is_one_line_exit_1_and_no_output(kind, two_clips, talkedit_home, tmp_path):
+    if kind == "video-without-audio":
+        given = _lavfi(tmp_path / "mute.mp4", "-i", str(media(CLIPS[0])), "-an", "-c:v", "libx264")
+    elif kind == "no-face":
+        given = _lavfi(tmp_path / "pattern.mp4", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25:duration=2",
+                       "-f", "lavfi", "-i", "sine=frequency=300:duration=2", "-shortest")  # fmt: skip
+    elif kind == "empty-folder":
+        given = tmp_path / "clips"
+        given.mkdir()
+    else:
+        given = tmp_path / "old.pack"
+        with safe_open(str(two_clips), framework="np") as f:
+            meta = {**f.metadata(), "pack_version": "0"}
+            save_file({k: f.get_tensor(k) for k in f.keys()}, str(given), metadata=meta)
+    output = tmp_path / "m.safetensors"
+    proc = run_talkedit("train", str(given), "-o", str(output), "--arch", "small", "--steps", "1", "--offline")
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(given) in lines[0], proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == lines[0]  # the last word, after any progress bar
+    assert "Traceback" not in proc.stderr
+    assert not output.exists() and not (tmp_path / "m.train").exists()
+
+
+def test_trainer_refuses_a_batch_that_does_not_split_over_the_processes(two_clips, tmp_path):
+    from talkedit.train import Processes, TrainError
+
+    pack = read_pack(two_clips)
+    with pytest.raises(TrainError, match="multiple of the 2 processes"):
+        Trainer(pack, split_pack(pack), tmp_path / "m.safetensors", TrainOptions(batch=3, arch=SMALL),
+                Processes(rank=0, world=2))  # fmt: skip
+
+
+def test_train_benchmark_prints_its_table_on_cpu():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--quick"], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "samples/s" in proc.stdout and "cpu" in proc.stdout
