@@ -208,3 +208,40 @@ def test_cuda_fp16_sampling_is_close_to_cpu_fp32():
     gpu = sample_frames(model.cuda(), *inputs, steps=10, generator=torch.Generator().manual_seed(0))
     assert gpu.device.type == "cuda"
     assert (gpu.cpu() - cpu).abs().max() < 5e-2
+
+
+def test_guidance_mixes_the_predictions_with_and_without_audio():
+    """w = 1 is plain sampling; w = 0 is sampling with the audio dropped everywhere; other w extrapolate."""
+    model = random_tiny_model()
+    inputs = frame_inputs()
+
+    class Dropped(torch.nn.Module):  # the same model, always without audio
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x, gamma, audio, audio_dropped=None):
+            return self.inner(x, gamma, audio, torch.ones(len(x), dtype=torch.bool))
+
+    def run(m, **kw) -> torch.Tensor:
+        return sample_frames(m, *inputs, sampler="ddim", steps=4, generator=torch.Generator().manual_seed(0), **kw)
+
+    plain = run(model)
+    torch.testing.assert_close(run(model, guidance=1.0), plain, atol=0, rtol=0)
+    torch.testing.assert_close(run(model, guidance=0.0), run(Dropped()), atol=1e-5, rtol=0)
+    strong = run(model, guidance=3.0)
+    assert (strong - plain).abs().max() > 1e-3
+
+
+def test_dropped_audio_is_a_zero_audio_embedding():
+    model = random_tiny_model()
+    y0, mask, previous, identity, audio = frame_inputs()
+    x = torch.cat([y0, previous, identity], dim=1)
+    gamma = torch.full((2,), 0.5)
+    with torch.no_grad():
+        dropped = model(x, gamma, audio, torch.tensor([True, False]))
+        other_audio = model(x, gamma, audio * 0 - 20, torch.tensor([True, False]))
+        kept = model(x, gamma, audio)
+    torch.testing.assert_close(dropped[0], other_audio[0])  # no audio at all: what it was does not matter
+    torch.testing.assert_close(dropped[1], kept[1])
+    assert not torch.allclose(dropped[0], kept[0])

@@ -232,8 +232,8 @@ def test_fine_tuning_an_official_checkpoint_gives_a_model_that_dubs(two_clips, o
 
     video = tmp_path / "dubbed.mp4"
     dub = run_talkedit("dub", str(media(CLIPS[0])), str(media("en_short_voice_recording_22k05_mono_1.8s.m4a")),
-                       "-o", str(video), "--model", str(model), "--steps", "1", "--offline", "--quiet",
-                       "--analysis-dir", str(two_clips.parent / "analysis"))  # fmt: skip
+                       "-o", str(video), "--model", str(model), "--steps", "1", "--guidance", "2", "--offline",
+                       "--quiet", "--analysis-dir", str(two_clips.parent / "analysis"))  # fmt: skip
     assert dub.returncode == 0, dub.stderr
     assert video.stat().st_size > 10_000
 
@@ -284,3 +284,11 @@ def test_train_benchmark_prints_its_table_on_cpu():
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "samples/s" in proc.stdout and "cpu" in proc.stdout
+
+
+def test_guidance_is_refused_for_a_model_trained_without_audio_dropout(talkedit_home, tmp_path):
+    _, tiny = talkedit_home
+    out = tmp_path / "out.mp4"
+    proc = run_talkedit("dub", str(media(CLIPS[0])), str(media("en_short_voice_recording_22k05_mono_1.8s.m4a")),
+                        "-o", str(out), "--model", str(tiny), "--guidance", "2", "--offline")  # fmt: skip
+    assert proc.returncode == 1 and "audio dropout" in proc.stderr and not out.exists(), proc.stderr
