@@ -17,6 +17,7 @@ sum). The seed and the step are the whole RNG state a checkpoint needs.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -213,9 +214,14 @@ class TrainingData:
 
     def __init__(self, pack: Pack, split: Split, device: torch.device, identity_gap: float) -> None:
         self.pack, self.split, self.device = pack, split, device
-        self.crops = torch.from_numpy(pack.crops).to(device).permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
-        self.masks = torch.from_numpy(pack.masks).to(device)[:, None]  # (N, 1, S, S) uint8
-        self.windows = torch.from_numpy(pack.windows.reshape(len(pack), -1)).to(device)  # (N, F·M) float32
+        size = pack.crops.nbytes + pack.masks.nbytes + pack.windows.nbytes
+        self.storage = device if device.type != "cuda" or size < 0.5 * torch.cuda.mem_get_info(device)[0] else None
+        if self.storage is None:  # too big for the GPU: batches are gathered on the CPU and copied over
+            self.storage = torch.device("cpu")
+            log.info("the pack (%.1f GiB) stays in CPU memory; batches are copied to %s", size / 2**30, device)
+        self.crops = torch.from_numpy(pack.crops).to(self.storage).permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
+        self.masks = torch.from_numpy(pack.masks).to(self.storage)[:, None]  # (N, 1, S, S) uint8
+        self.windows = torch.from_numpy(pack.windows.reshape(len(pack), -1)).to(self.storage)  # (N, F·M) float32
         self.previous = pack.predecessor()
         self.previous = np.where(self.previous >= 0, self.previous, np.arange(len(pack)))  # a shot's first: itself
         fps = np.array([float(c.fps) for c in pack.clips])
@@ -245,15 +251,20 @@ class TrainingData:
             out[n] = members[k] if k < before else members[after + k - before]
         return out
 
+    def _take(self, table: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+        return table[torch.from_numpy(index).to(self.storage)].to(self.device, non_blocking=True)
+
     def images(self, index: np.ndarray) -> torch.Tensor:
         """(B, 3, S, S) float in [-1, 1]."""
-        return self.crops[torch.from_numpy(index).to(self.device)].float() / 127.5 - 1
+        return self._take(self.crops, index).float() / 127.5 - 1
 
     def mask(self, index: np.ndarray) -> torch.Tensor:
-        return self.masks[torch.from_numpy(index).to(self.device)].float()
+        """(B, 1, S, S) float in {0, 1}."""
+        return self._take(self.masks, index).float()
 
     def audio(self, index: np.ndarray) -> torch.Tensor:
-        return self.windows[torch.from_numpy(index).to(self.device)]
+        """(B, F·M) float dB."""
+        return self._take(self.windows, index)
 
     def shifted_audio(self, index: np.ndarray) -> torch.Tensor:
         """The audio window 1 s later in the same clip (1 s earlier near its end): speech that does not go with the
@@ -408,11 +419,8 @@ class Trainer:
             self.model = _with_dropout(self.model, options.dropout)
         self.config = self.model.config
         _check_model_fits_pack(self.config, pack)
-        fine_tune = options.init is not None
-        self.steps = options.steps or default_steps(len(split.train), options.batch, fine_tune)
-        if self.steps < 1:
-            raise TrainError(f"--steps {self.steps}: train at least one step.")
-        self.recipe = options.recipe.resolved(self.steps, fine_tune)
+        self.fine_tune = options.init is not None
+        self._set_steps(options.steps or default_steps(len(split.train), options.batch, self.fine_tune))
         self.model.to(self.device)
         if options.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -444,6 +452,13 @@ class Trainer:
         self.elapsed = 0.0  # training seconds of earlier runs of this training (resumed)
         self._stop_signal: int | None = None
         self._val_note = ""
+
+    def _set_steps(self, steps: int) -> None:
+        """The run's length, and the recipe values that follow from it (warm-up, EMA decay)."""
+        if steps < 1:
+            raise TrainError(f"--steps {steps}: train at least one step.")
+        self.steps = steps
+        self.recipe = self.options.recipe.resolved(steps, self.fine_tune)
 
     # -- one step -----------------------------------------------------------------------------------------------
 
@@ -663,6 +678,8 @@ class Trainer:
             theirs, ours = state["identity"], self.options.identity()
             changed = ", ".join(k for k in ours if ours[k] != theirs.get(k))
             raise TrainError(f"{path}: this checkpoint was trained with other settings ({changed}); use the same ones.")
+        if self.options.steps is None:  # the run's own length, not the default for its data
+            self._set_steps(state["steps"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -829,7 +846,7 @@ def train(
         find_videos(given)  # every rank checks the inputs exist: a one-line error rather than a hang
         pack_path = workdir / "data.pack"
         failure = None
-        if processes.main and not (options.resume and pack_path.is_file()):
+        if processes.main and not _pack_holds(pack_path, find_videos(given)):
             created = not workdir.exists()
             workdir.mkdir(parents=True, exist_ok=True)
             try:
@@ -853,6 +870,26 @@ def train(
     return trainer.run()
 
 
+def _pack_holds(path: Path, videos: list[Path]) -> bool:
+    """Whether the pack at `path` was made from exactly these videos (by content) by this pack format."""
+    from safetensors import safe_open
+
+    from .manifest import file_sha256
+    from .pack import PACK_FORMAT, PACK_VERSION
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
+        clips = json.loads(meta["clips"])
+    except Exception:
+        return False
+    if (meta.get("format"), meta.get("pack_version")) != (PACK_FORMAT, PACK_VERSION):
+        return False
+    return [c["sha256"] for c in clips] == [file_sha256(v) for v in videos]
+
+
 def _check_output(output: Path, workdir: Path, options: TrainOptions) -> None:
     if output.suffix.lower() != ".safetensors":
         raise TrainError(f"{output}: the model is written as a .safetensors file; name it NAME.safetensors.")
@@ -862,3 +899,54 @@ def _check_output(output: Path, workdir: Path, options: TrainOptions) -> None:
         raise TrainError(f"{output.parent}: cannot write here; choose another folder for the model.")
     if workdir.exists() and not workdir.is_dir():
         raise TrainError(f"{workdir}: exists and is not a folder; choose another --workdir.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `python -m talkedit.train`: the same training where only torch, numpy, safetensors and OpenCV are installed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train from a pack without typer or rich (e.g. on a GPU machine). Every TrainOptions and Recipe field is an
+    option with dashes (`--eval-every 100`, `--no-ema`); see `talkedit train --help` for what each does."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m talkedit.train", description=main.__doc__)
+    parser.add_argument("inputs", nargs="+", help="a .pack file (or videos, where talkedit is fully installed)")
+    parser.add_argument("-o", "--output", required=True, help="the model to write (NAME.safetensors)")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="dve")
+    types = {"int": int, "float": float, "str": str}
+    for cls, skip in ((TrainOptions, {"recipe", "arch"}), (Recipe, {"betas"})):
+        for f in fields(cls):
+            if f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if f.type == "bool":
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            else:
+                parser.add_argument(flag, type=types[f.type.split(" |")[0]], default=f.default)
+    args = vars(parser.parse_args(argv))
+    recipe = Recipe(**{f.name: args.pop(f.name) for f in fields(Recipe) if f.name in args})
+    inputs, output, arch = args.pop("inputs"), args.pop("output"), ARCHITECTURES[args.pop("arch")]
+    options = TrainOptions(**args, recipe=recipe, arch=arch)
+    rank = int(os.environ.get("RANK", "0"))
+
+    def progress(stage: str, done: int, total: int, note: str | None = None) -> None:
+        if rank == 0 and note is not None:
+            print(f"{stage} {done}/{total}  {note}", file=sys.stderr, flush=True)
+
+    try:
+        result = train(inputs, output, options, progress=progress)
+    except TalkeditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if rank == 0 and result.stopped:
+        print(f"stopped ({result.stopped}) at step {result.steps_done} of {result.steps}; continue with the same "
+              "command and --resume", file=sys.stderr)  # fmt: skip
+    elif rank == 0:
+        print(f"done: {result.steps_done} steps, model {result.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
