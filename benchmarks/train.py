@@ -2,7 +2,7 @@
 torch.compile, on the device at hand.
 
     python benchmarks/train.py                            # CUDA when present (batches 8-64), else CPU (1-4)
-    python benchmarks/train.py --device cpu --batches 1 2
+    python benchmarks/train.py --device cpu --batches 1 2 4 --precisions fp32
     python benchmarks/train.py --compile --channels-last  # add the torch.compile / channels-last rows
     python benchmarks/train.py --quick                    # the small architecture, fp32, 2 steps (a smoke test)
 
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: CUDA when available)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="global batch sizes to time")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per setting")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None, help="default: both")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--channels-last", action="store_true", help="also time channels-last")
     parser.add_argument("--quick", action="store_true", help="small architecture, 2 steps: a smoke test")
@@ -105,7 +106,7 @@ def main() -> None:
     arch = "small" if args.quick else "dve"
     settings = []
     for batch in batches:
-        for precision in ("fp32",) if args.quick else ("fp32", "bf16"):
+        for precision in args.precisions or (("fp32",) if args.quick else ("fp32", "bf16")):
             settings.append(dict(device=device, batch=batch, precision=precision, compile=False, channels_last=False))
         if args.compile:
             settings.append(dict(device=device, batch=batch, precision="bf16", compile=True, channels_last=False))

@@ -197,6 +197,7 @@ def build_pack(
             "pack_version": PACK_VERSION,
             "clips": json.dumps([c.to_json() for c in clips]),
             "crops": json.dumps({"codec": "libx264 yuv444p bt601 full range", "crf": crf}),
+            "face": face or "",  # the face choice the clips were analysed with (default: the largest)
             "talkedit": __version__,
         }
         _save_atomic(output, tensors, metadata)

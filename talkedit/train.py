@@ -420,7 +420,8 @@ class Trainer:
         self.config = self.model.config
         _check_model_fits_pack(self.config, pack)
         self.fine_tune = options.init is not None
-        self._set_steps(options.steps or default_steps(len(split.train), options.batch, self.fine_tune))
+        given = options.steps
+        self._set_steps(given if given is not None else default_steps(len(split.train), options.batch, self.fine_tune))
         self.model.to(self.device)
         if options.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -459,6 +460,16 @@ class Trainer:
             raise TrainError(f"--steps {steps}: train at least one step.")
         self.steps = steps
         self.recipe = self.options.recipe.resolved(steps, self.fine_tune)
+        for name in ("audio_dropout", "previous_aug", "jitter", "final_lr"):
+            if not 0 <= getattr(self.recipe, name) <= 1:
+                raise TrainError(
+                    f"--{name.replace('_', '-')} {getattr(self.recipe, name)}: give a fraction from 0 to 1."
+                )
+        r = self.recipe
+        for name, ok in (("lr", r.lr > 0), ("ema_decay", 0 < r.ema_decay < 1), ("warmup", r.warmup >= 0),
+                         ("identity_gap", r.identity_gap >= 0)):  # fmt: skip
+            if not ok:
+                raise TrainError(f"--{name.replace('_', '-')} {getattr(r, name)}: out of range.")
 
     # -- one step -----------------------------------------------------------------------------------------------
 
@@ -846,7 +857,7 @@ def train(
         find_videos(given)  # every rank checks the inputs exist: a one-line error rather than a hang
         pack_path = workdir / "data.pack"
         failure = None
-        if processes.main and not _pack_holds(pack_path, find_videos(given)):
+        if processes.main and not _pack_holds(pack_path, find_videos(given), (build or {}).get("face")):
             created = not workdir.exists()
             workdir.mkdir(parents=True, exist_ok=True)
             try:
@@ -870,8 +881,8 @@ def train(
     return trainer.run()
 
 
-def _pack_holds(path: Path, videos: list[Path]) -> bool:
-    """Whether the pack at `path` was made from exactly these videos (by content) by this pack format."""
+def _pack_holds(path: Path, videos: list[Path], face: str | None) -> bool:
+    """Whether the pack at `path` was made from exactly these videos (by content) and face choice, in this format."""
     from safetensors import safe_open
 
     from .manifest import file_sha256
@@ -885,7 +896,7 @@ def _pack_holds(path: Path, videos: list[Path]) -> bool:
         clips = json.loads(meta["clips"])
     except Exception:
         return False
-    if (meta.get("format"), meta.get("pack_version")) != (PACK_FORMAT, PACK_VERSION):
+    if (meta.get("format"), meta.get("pack_version"), meta.get("face")) != (PACK_FORMAT, PACK_VERSION, face or ""):
         return False
     return [c["sha256"] for c in clips] == [file_sha256(v) for v in videos]
 

@@ -309,3 +309,11 @@ def test_guidance_is_refused_for_a_model_trained_without_audio_dropout(talkedit_
     proc = run_talkedit("dub", str(media(CLIPS[0])), str(media("en_short_voice_recording_22k05_mono_1.8s.m4a")),
                         "-o", str(out), "--model", str(tiny), "--guidance", "2", "--offline")  # fmt: skip
     assert proc.returncode == 1 and "audio dropout" in proc.stderr and not out.exists(), proc.stderr
+
+
+@pytest.mark.parametrize("option", [["--steps", "0"], ["--audio-dropout", "1.5"], ["--lr", "-1"], ["--batch", "0"]])
+def test_bad_training_options_are_one_line_errors(option, two_clips, tmp_path):
+    output = tmp_path / "m.safetensors"
+    proc = run_talkedit("train", str(two_clips), "-o", str(output), "--arch", "small", *option)
+    assert proc.returncode == 1 and option[0] in proc.stderr.splitlines()[-1], proc.stderr
+    assert "Traceback" not in proc.stderr and not output.exists()
