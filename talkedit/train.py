@@ -227,6 +227,7 @@ class TrainingData:
         fps = np.array([float(c.fps) for c in pack.clips])
         self.gap = np.ceil(identity_gap * fps[pack.clip]).astype(np.int64)  # (N,) frames
         self.shift = np.round(AUDIO_SHIFT_SECONDS * fps).astype(np.int64)  # (C,) frames
+        self._clip_windows: dict[int, np.ndarray] = {}
         # Identity candidates: for training frames, training frames of the same clip; for validation, any frame.
         self.members = {
             "train": _members_by_clip(pack, split.train),
@@ -274,7 +275,9 @@ class TrainingData:
             c = self.pack.clip[i]
             frames, f, s = self.pack.clips[c].frames, self.pack.frame[i], self.shift[c]
             g = f + s if f + s < frames else f - s if f - s >= 0 else (f + frames // 2) % frames
-            out.append(self.pack.clip_windows(c)[g])
+            if c not in self._clip_windows:  # every frame of the clip, stored or not: computed once per clip
+                self._clip_windows[c] = self.pack.clip_windows(c)
+            out.append(self._clip_windows[c][g])
         return torch.from_numpy(np.stack(out).reshape(len(index), -1)).to(self.device)
 
 
@@ -849,7 +852,7 @@ def train(
     output = Path(output)
     processes = Processes.from_env()
     workdir = Path(options.workdir) if options.workdir else _default_workdir(output)
-    _check_output(output, workdir, options)
+    _check_output(output, workdir)
     given = [Path(p) for p in inputs]
     if len(given) == 1 and given[0].suffix == ".pack" and given[0].is_file():
         pack_path = given[0]
@@ -901,7 +904,7 @@ def _pack_holds(path: Path, videos: list[Path], face: str | None) -> bool:
     return [c["sha256"] for c in clips] == [file_sha256(v) for v in videos]
 
 
-def _check_output(output: Path, workdir: Path, options: TrainOptions) -> None:
+def _check_output(output: Path, workdir: Path) -> None:
     if output.suffix.lower() != ".safetensors":
         raise TrainError(f"{output}: the model is written as a .safetensors file; name it NAME.safetensors.")
     if output.is_dir():
