@@ -122,10 +122,9 @@ def sample_strip(model, data, count: int, steps: int, path: Path) -> None:
     import torch
 
     from .diffusion import sample_frames
+    from .train import evaluation_set
 
-    val = data.split.val
-    index = val[np.linspace(0, len(val) - 1, min(count, len(val))).round().astype(int)]
-    identity = data.identity(index, np.full(len(index), 0.5), "val")
+    index, identity = evaluation_set(data, count)
     target = data.images(index)
     out = sample_frames(
         model,
