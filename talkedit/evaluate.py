@@ -1,0 +1,235 @@
+"""`eval`: how good is a dub? Lip sync, mouth fidelity and stability, as numbers and a picture.
+
+    video (+ speech, default its own sound) -> preprocess (cached) -> mouth opening vs speech: offset, confidence
+        (+ SyncNet weights) -> LSE-C / LSE-D
+        (+ reference: the original shot) -> mouth PSNR/SSIM, LMD, jitter, colour drift, outside changes, chain jump
+    -> flags (frozen mouth, no sync, offset, changes outside the mouth) -> table / JSON / report PNG
+
+The reconstruction protocol with its baselines is `holdout.py`. Reports progress through a callback, never prints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .analysis import Analysis, Progress, no_progress, preprocess
+from .errors import MediaError, TalkeditError
+from .metrics import ReferenceScores, score_against
+from .sync import SyncResult, av_sync, mouth_opening, mouth_points, speech_bands
+
+SYNC_WEAK = 2.0  # confidence below this: the mouth does not follow the speech better than unrelated speech does
+OFFSET_FLAG = 3  # frames: a larger offset with a confident peak is reported as out of sync
+FROZEN_MOTION = 0.3  # crop px: frame-to-frame opening change (high-passed std) below this is a frozen mouth
+FROZEN_RATIO = 0.3  # ... or below this share of the reference's mouth motion
+OUTSIDE_FLAG = 0.01  # share of frames changed away from the mouth
+
+
+@dataclass
+class Evaluation:
+    video: Path
+    speech: str  # the speech file, or "own audio"
+    frames: int
+    fps: float
+    sync: SyncResult | None
+    lse: dict | None  # {"lse_c", "lse_d", "offset"} with SyncNet weights
+    lse_note: str | None  # why LSE was not computed
+    reference: ReferenceScores | None
+    mouth_motion: float  # std of the high-passed mouth opening, crop px
+    flags: list[str] = field(default_factory=list)
+    # For the report: (T,) curves and a few crops.
+    opening: np.ndarray | None = None
+    reference_opening: np.ndarray | None = None
+    envelope: np.ndarray | None = None
+    strip: np.ndarray | None = None
+
+    def to_json(self) -> dict:
+        sync = None
+        if self.sync is not None:
+            sync = {"offset": self.sync.offset, "confidence": round(self.sync.confidence, 3), "frames": self.sync.frames,
+                    "curve": [round(float(c), 4) for c in self.sync.curve]}  # fmt: skip
+        reference = None
+        if self.reference is not None:
+            reference = {k: (None if v is None else "inf" if v == math.inf else round(v, 4) if isinstance(v, float)
+                             else v) for k, v in asdict(self.reference).items()}  # fmt: skip
+        return {"video": str(self.video), "speech": self.speech, "frames": self.frames, "fps": self.fps,
+                "sync": sync, "lse": self.lse, "lse_note": self.lse_note, "reference": reference,
+                "mouth_motion": round(self.mouth_motion, 4), "flags": self.flags}  # fmt: skip
+
+
+def mouth_motion(opening: np.ndarray, fps: float) -> float:
+    """How much a mouth moves: std of the mouth opening after removing its slow drift (crop px)."""
+    from .sync import HIGHPASS_SECONDS, _highpass
+
+    tracked = np.isfinite(opening)
+    if tracked.sum() < 3:
+        return 0.0
+    index = np.arange(len(opening))
+    filled = np.interp(index, index[tracked], opening[tracked])
+    return float(_highpass(filled, max(1, round(HIGHPASS_SECONDS * fps)) | 1)[tracked].std())
+
+
+def evaluate(
+    video: str | os.PathLike,
+    speech: str | os.PathLike | None = None,
+    reference: str | os.PathLike | None = None,
+    *,
+    syncnet: str | os.PathLike | None = None,
+    chain_starts: list[int] | None = None,
+    face: str | None = None,
+    analysis_dir: str | os.PathLike | None = None,
+    offline: bool | None = None,
+    progress: Progress = no_progress,
+) -> Evaluation:
+    """Score `video` against `speech` (default: the video's own sound) and, given one, against the original shot.
+
+    `syncnet`: a syncnet_v2.model for LSE-C/D (default: the cached `syncnet` entry when installed). `chain_starts`:
+    the dub's chain starts when known (default: planned again as `dub` plans them, from the speech).
+    """
+    from .audio import check_speech
+    from .media import decode_speech, probe_video, read_audio
+
+    video = Path(video)
+    for path, what in ((video, "video"), (speech, "speech"), (reference, "reference video")):
+        if path is not None and not Path(path).exists():
+            raise MediaError(f"{path}: no such file; check the {what} path.")
+    info = probe_video(video)
+    ref_info = probe_video(reference) if reference is not None else None
+    syncnet_path, lse_note = _syncnet_path(syncnet)
+    with tempfile.TemporaryDirectory(prefix="talkedit-eval-") as scratch:
+        source = Path(speech) if speech is not None else video
+        wav = read_audio(decode_speech(source, Path(scratch) / "speech.wav"))
+    check_speech(wav, source)
+
+    analysis = preprocess(video, face=face, output_dir=analysis_dir, offline=offline, progress=progress)
+    fps = float(info.fps)
+    frames = analysis.frame_count
+    points = mouth_points(analysis.landmarks, analysis.matrices)
+    opening = mouth_opening(points)
+    bands = speech_bands(wav, frames, info.fps)
+    sync = av_sync(opening, bands, info.fps)
+    result = Evaluation(
+        video=video, speech=str(speech) if speech is not None else "own audio", frames=frames, fps=fps, sync=sync,
+        lse=None, lse_note=lse_note, reference=None, mouth_motion=mouth_motion(opening, fps), opening=opening,
+        envelope=bands.mean(axis=1),
+    )  # fmt: skip
+    if syncnet_path is not None:
+        result.lse = _lse(analysis, wav, syncnet_path, progress)
+
+    crops = np.asarray(analysis.crops)
+    if ref_info is not None:
+        ref = preprocess(reference, face=face, output_dir=analysis_dir, offline=offline, progress=progress)
+        same_picture = (ref_info.width, ref_info.height, ref_info.fps) == (info.width, info.height, info.fps)
+        if ref.frame_count < frames or not same_picture:
+            raise TalkeditError(
+                f"{reference}: {ref.frame_count} frames of {ref_info.width}x{ref_info.height} at "
+                f"{float(ref_info.fps):g} fps, but {video} has {frames} of {info.width}x{info.height} at {fps:g}; a "
+                "reference must be the original of this very shot, at least as long (a dub longer than its video "
+                "loops it: compare only the dub of a speech no longer than the video)."
+            )
+        if chain_starts is None:
+            chain_starts = _planned_chain_starts(ref.track[:frames], wav, info.fps)
+        result.reference, crops = score_against(analysis, ref, chain_starts, progress)
+        result.reference_opening = mouth_opening(mouth_points(ref.landmarks[:frames], ref.matrices[:frames]))
+        result.strip = _strip(crops, np.asarray(ref.crops[:frames]), ref.tracked[:frames])
+    else:
+        result.strip = _strip(crops, None, analysis.tracked)
+    result.flags = flags(result)
+    return result
+
+
+def _syncnet_path(given: str | os.PathLike | None) -> tuple[Path | None, str | None]:
+    if given is not None:
+        return Path(given), None
+    from .download import check_cached
+    from .manifest import read_manifest
+
+    _, entries = read_manifest()
+    entry = entries.get("syncnet")
+    if entry is None:
+        return None, "no syncnet entry in weights.toml"
+    status = check_cached(entry)
+    if status.valid:
+        return status.path, None
+    return None, "SyncNet weights not installed: see `talkedit download-weights syncnet`"
+
+
+def _lse(analysis: Analysis, wav: np.ndarray, path: Path, progress: Progress) -> dict:
+    """LSE-C/D of the tracked face at 25 fps (nearest frames), with syncnet_python's framing."""
+    from .media import iter_frames
+    from .syncnet import CROP, FPS, face_boxes, face_crop, load_syncnet, lse
+
+    model = load_syncnet(path)
+    fps = float(analysis.video.fps)
+    count = int(analysis.frame_count / fps * FPS)
+    picks = np.minimum(np.round(np.arange(count) * fps / FPS).astype(int), analysis.frame_count - 1)
+    tracked = analysis.tracked
+    landmarks = analysis.landmarks.copy()
+    index = np.arange(len(landmarks))
+    if not tracked.all():  # bridge untracked frames (syncnet_python scores only tracked stretches; we score all)
+        flat = landmarks.reshape(len(landmarks), -1)
+        for c in range(flat.shape[1]):
+            flat[:, c] = np.interp(index, index[tracked], flat[tracked, c])
+    boxes = face_boxes(landmarks)
+    crops = np.zeros((count, CROP, CROP, 3), np.uint8)
+    wanted = {}
+    for n, s in enumerate(picks):
+        wanted.setdefault(int(s), []).append(n)
+    for i, frame in enumerate(iter_frames(analysis.video)):
+        for n in wanted.get(i, []):
+            crops[n] = face_crop(frame, boxes[i])
+        progress("syncnet", i + 1, analysis.frame_count)
+    audio = np.clip(np.round(wav * 32768), -32768, 32767).astype(np.int16)
+    try:
+        scores = lse(model, crops, audio)
+    except ValueError as exc:
+        raise TalkeditError(f"{analysis.video.path}: {exc}.") from None
+    return {"lse_c": round(scores.lse_c, 4), "lse_d": round(scores.lse_d, 4), "offset": scores.offset,
+            "note": "face boxes from MediaPipe landmarks, not S3FD"}  # fmt: skip
+
+
+def _planned_chain_starts(track: np.ndarray, wav: np.ndarray, fps) -> list[int]:
+    """Where `dub` starts its chains for this shot's face track (T,) and speech (the plan depends on nothing else)."""
+    from .audio import frame_windows, mel_spectrogram
+    from .pipeline import plan_chains
+
+    frames = len(track)
+    windows = frame_windows(mel_spectrogram(wav), frames, fps)
+    return [c.start for c in plan_chains(np.arange(frames), track, windows.mean(axis=(1, 2)), float(fps))]
+
+
+def _strip(crops: np.ndarray, reference: np.ndarray | None, tracked: np.ndarray, count: int = 8) -> np.ndarray:
+    """Lower halves of `count` crops across the clip, the reference's row under the dub's: (64 or 128, count*128, 3)."""
+    frames = np.flatnonzero(tracked)
+    if not len(frames):
+        return np.zeros((64, 128, 3), np.uint8)
+    picks = frames[np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)]
+    rows = [np.concatenate([np.asarray(crops[i])[64:] for i in picks], axis=1)]
+    if reference is not None:
+        rows.append(np.concatenate([np.asarray(reference[i])[64:] for i in picks], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def flags(result: Evaluation) -> list[str]:
+    """What a user should look at before publishing, one line each."""
+    out = []
+    ref = result.reference
+    if result.mouth_motion < FROZEN_MOTION or (ref is not None and ref.motion_ratio is not None
+                                               and ref.motion_ratio < FROZEN_RATIO):  # fmt: skip
+        out.append(f"frozen mouth: the mouth barely moves (motion {result.mouth_motion:.2f} crop px)")
+    if result.sync is None:
+        out.append("no sync measure: too few frames with a face, or a mouth or speech that never changes")
+    elif result.sync.confidence < SYNC_WEAK:
+        out.append(f"weak sync: the mouth follows the speech no better than unrelated speech "
+                   f"(confidence {result.sync.confidence:.2f} < {SYNC_WEAK})")  # fmt: skip
+    elif abs(result.sync.offset) > OFFSET_FLAG:
+        late = "after" if result.sync.offset > 0 else "before"
+        out.append(f"offset: the sound comes {abs(result.sync.offset)} frames {late} the mouth")
+    if ref is not None and ref.outside_changed > OUTSIDE_FLAG:
+        out.append(f"changed outside the mouth in {ref.outside_changed:.1%} of frames")
+    return out
