@@ -54,7 +54,8 @@ def validate(signals: dict) -> dict:
                 result = av_sync(opening, speech_bands(loop_to(other_wav, len(wav)), len(opening), fps), fps)
                 others.append(result.confidence if result else 0.0)
         rows[name] = {"offset": own.offset, "shifted": detected, "recovered": ok, "confidence": own.confidence,
-                      "mismatched_median": float(np.median(others)), "mismatched_max": float(np.max(others))}  # fmt: skip
+                      "mismatched_median": float(np.median(others)),
+                      "mismatched_max": float(np.max(others))}  # fmt: skip
         matched.append(own.confidence)
         mismatched += others
         recovered += ok

@@ -35,6 +35,8 @@ def mel_spectrogram(wav: np.ndarray) -> np.ndarray:
     """
     import librosa  # heavy import, only needed here
 
+    if not np.any(wav):  # relative to its own loudest bin, digital silence would read as 0 dB everywhere
+        return np.full((1 + len(wav) // HOP_LENGTH, N_MELS), PAD_DB, np.float32)
     mel = librosa.feature.melspectrogram(
         y=np.asarray(wav, dtype=np.float32),
         sr=SAMPLE_RATE,
@@ -72,9 +74,9 @@ def frame_windows(mel: np.ndarray, num_frames: int, fps: Fraction | float) -> np
     return windows
 
 
-def check_speech(wav: np.ndarray, path: object) -> None:
-    """Refuse a recording that is empty or silent, with a message that names it."""
+def check_speech(wav: np.ndarray, path: object, allow_silence: bool = False) -> None:
+    """Refuse a recording that is empty or (unless allowed) silent, with a message that names it."""
     if wav.size < WIN_LENGTH:
         raise MediaError(f"{path}: the speech is empty (under {WIN_LENGTH / SAMPLE_RATE * 1000:.0f} ms of audio).")
-    if float(np.abs(wav).max()) < SILENCE_PEAK:
+    if not allow_silence and float(np.abs(wav).max()) < SILENCE_PEAK:
         raise MediaError(f"{path}: the speech is silent (peak below -60 dBFS); give a recording with speech in it.")

@@ -484,6 +484,152 @@ def train(
     )
 
 
+@app.command("eval")
+@reports_errors
+def eval_(
+    video: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Argument(help="The video to judge (a dub, or any video of someone speaking)."),
+    ] = None,
+    speech: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="The speech the mouth should follow (default: the video's own sound)."),
+    ] = None,
+    reference: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="The original of the same shot: adds mouth PSNR/SSIM, LMD, jitter, drift and more."),
+    ] = None,
+    holdout: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Run the reconstruction protocol on this clip (with its own speech) instead."),
+    ] = None,
+    model: Annotated[str, typer.Option(help="With --holdout: the model to dub with.")] = "default",
+    train_steps: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="With --holdout: fine-tune on the clip's head for this many steps first."),
+    ] = None,
+    tail: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(min=0.1, help="With --holdout: seconds held out at the end (default: 40 %, at least 2 s)."),
+    ] = None,
+    unrelated: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="With --holdout: speech for the unrelated case (default: the tail's speech reversed)."),
+    ] = None,
+    steps: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="With --holdout: sampling steps per frame (default: the model's)."),
+    ] = None,
+    device: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="cuda, cpu, ... (default: CUDA when available)."),
+    ] = None,
+    workdir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="With --holdout: keep the cut clips and the dubs here."),
+    ] = None,
+    syncnet: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="syncnet_v2.model for LSE-C/D (default: the installed `syncnet` entry, if any)."),
+    ] = None,
+    report: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Write a PNG report: mouth opening vs speech, the sync curve, mouth crops."),
+    ] = None,
+    face: FaceOption = None,
+    analysis_dir: AnalysisDirOption = None,
+    cache_dir: CacheDirOption = None,
+    offline: OfflineOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure a dub: lip sync (offset, confidence; LSE-C/D with SyncNet weights), and with --reference the mouth's
+    fidelity and stability against the original. Flags a frozen mouth, weak sync and changes outside the mouth.
+
+    Examples: [bold]talkedit eval out.mp4 --speech speech.wav --reference input.mp4 --report report.png[/],
+    [bold]talkedit eval --holdout clip.mp4 --model me.safetensors[/]
+    """
+    _setup(cache_dir, quiet, verbose)
+    if (video is None) == (holdout is None):
+        raise TalkeditError("give a VIDEO to judge, or --holdout CLIP for the reconstruction protocol (not both).")
+    if report is not None:
+        from .evaluate import check_report_path
+
+        check_report_path(report, *(p for p in (video, speech, reference, holdout) if p is not None))
+    offline_flag = offline or None
+    with StageProgress(quiet) as progress:
+        if holdout is not None:
+            from .holdout import HoldoutOptions
+            from .holdout import holdout as run_holdout
+
+            options = HoldoutOptions(
+                model=model, tail_seconds=tail, train_steps=train_steps,
+                unrelated=str(unrelated) if unrelated else None,
+                steps=steps, device=device, syncnet=str(syncnet) if syncnet else None, face=face,
+                analysis_dir=str(analysis_dir) if analysis_dir else None, offline=offline_flag,
+                workdir=str(workdir) if workdir else None,
+            )  # fmt: skip
+            result = run_holdout(holdout, options, progress=progress)
+            cases = result.cases
+            summary = result.to_json()
+        else:
+            from .evaluate import evaluate
+
+            one = evaluate(video, speech, reference, syncnet=syncnet, face=face, analysis_dir=analysis_dir,
+                           offline=offline_flag, progress=progress)  # fmt: skip
+            cases = {"video": one}
+            summary = one.to_json()
+    if report is not None:
+        from .evaluate import write_report
+
+        write_report(cases.get("dub", next(iter(cases.values()))), report)
+    if as_json:
+        typer.echo(json.dumps(summary))
+    if not quiet:
+        _print_scores(cases)
+        if report is not None:
+            stderr.print(f"Report: [bold]{report}[/]", highlight=False, soft_wrap=True)
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value == float("inf"):
+        return "inf"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _print_scores(cases: dict) -> None:
+    """One row per video: sync, LSE, reference scores, then each one's flags."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title_justify="left")
+    columns = ["", "offset", "sync conf", "LSE-C", "LSE-D", "PSNR", "SSIM", "LMD", "jitter", "drift", "outside",
+               "jump", "motion", "opening"]  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if not column else "right")
+    for name, e in cases.items():
+        ref, lse = e.reference, e.lse or {}
+        table.add_row(
+            escape(name if len(cases) > 1 else str(e.video)),
+            _fmt(e.sync.offset) if e.sync else "-", _fmt(e.sync.confidence) if e.sync else "-",
+            _fmt(lse.get("lse_c")), _fmt(lse.get("lse_d")),
+            _fmt(ref.psnr, 1) if ref else "-", _fmt(ref.ssim, 3) if ref else "-", _fmt(ref.lmd) if ref else "-",
+            _fmt(ref.jitter) if ref else "-", _fmt(ref.colour_drift, 1) if ref else "-",
+            f"{ref.outside_changed:.0%}" if ref else "-", _fmt(ref.chain_jump) if ref else "-",
+            _fmt(e.mouth_motion), _fmt(e.mean_opening),
+        )  # fmt: skip
+    Console(stderr=True, width=max(stderr.width, 160)).print(table)
+    for name, e in cases.items():
+        for flag in e.flags:
+            stderr.print(f"[yellow]{escape(name)}:[/] {escape(flag)}", highlight=False, soft_wrap=True)
+    notes = {e.lse_note for e in cases.values() if e.lse_note}
+    for note in notes:
+        stderr.print(f"LSE-C/D: {escape(note)}", highlight=False, soft_wrap=True)
+
+
 @app.command("download-weights")
 @reports_errors
 def download_weights(

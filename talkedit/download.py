@@ -249,6 +249,10 @@ def install(entry: WeightsEntry, file: Path, *, root: Path | None = None) -> Pat
         raise WeightsError(f"{entry.name}: refused {file}: size {size} bytes, the manifest says {entry.size}.")
     if entry.sha256 is not None and sha != entry.sha256:
         raise WeightsError(f"{entry.name}: refused {file}: sha256 {sha}, the manifest says {entry.sha256}.")
+    if entry.format == "syncnet":  # refuse anything that is not SyncNet weights before it is cached
+        from .syncnet import load_syncnet
+
+        load_syncnet(file)
     target = root / entry.cache_name
     record = {"source_sha256": sha, "source_size": size, "source_verified": entry.sha256 is not None}
     if entry.format == "dve-palette":

@@ -41,6 +41,7 @@ class Evaluation:
     lse_note: str | None  # why LSE was not computed
     reference: ReferenceScores | None
     mouth_motion: float  # std of the high-passed mouth opening, crop px
+    mean_opening: float  # crop px (the silence case: near the original's closed mouth)
     flags: list[str] = field(default_factory=list)
     # For the report: (T,) curves and a few crops.
     opening: np.ndarray | None = None
@@ -51,7 +52,8 @@ class Evaluation:
     def to_json(self) -> dict:
         sync = None
         if self.sync is not None:
-            sync = {"offset": self.sync.offset, "confidence": round(self.sync.confidence, 3), "frames": self.sync.frames,
+            sync = {"offset": self.sync.offset, "confidence": round(self.sync.confidence, 3),
+                    "frames": self.sync.frames,
                     "curve": [round(float(c), 4) for c in self.sync.curve]}  # fmt: skip
         reference = None
         if self.reference is not None:
@@ -59,7 +61,8 @@ class Evaluation:
                              else v) for k, v in asdict(self.reference).items()}  # fmt: skip
         return {"video": str(self.video), "speech": self.speech, "frames": self.frames, "fps": self.fps,
                 "sync": sync, "lse": self.lse, "lse_note": self.lse_note, "reference": reference,
-                "mouth_motion": round(self.mouth_motion, 4), "flags": self.flags}  # fmt: skip
+                "mouth_motion": round(self.mouth_motion, 4),
+                "mean_opening": round(self.mean_opening, 4), "flags": self.flags}  # fmt: skip
 
 
 def mouth_motion(opening: np.ndarray, fps: float) -> float:
@@ -85,6 +88,7 @@ def evaluate(
     analysis_dir: str | os.PathLike | None = None,
     offline: bool | None = None,
     progress: Progress = no_progress,
+    allow_silence: bool = False,
 ) -> Evaluation:
     """Score `video` against `speech` (default: the video's own sound) and, given one, against the original shot.
 
@@ -104,7 +108,7 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="talkedit-eval-") as scratch:
         source = Path(speech) if speech is not None else video
         wav = read_audio(decode_speech(source, Path(scratch) / "speech.wav"))
-    check_speech(wav, source)
+    check_speech(wav, source, allow_silence=allow_silence)
 
     analysis = preprocess(video, face=face, output_dir=analysis_dir, offline=offline, progress=progress)
     fps = float(info.fps)
@@ -115,7 +119,8 @@ def evaluate(
     sync = av_sync(opening, bands, info.fps)
     result = Evaluation(
         video=video, speech=str(speech) if speech is not None else "own audio", frames=frames, fps=fps, sync=sync,
-        lse=None, lse_note=lse_note, reference=None, mouth_motion=mouth_motion(opening, fps), opening=opening,
+        lse=None, lse_note=lse_note, reference=None, mouth_motion=mouth_motion(opening, fps),
+        mean_opening=float(np.nanmean(opening)) if np.isfinite(opening).any() else 0.0, opening=opening,
         envelope=bands.mean(axis=1),
     )  # fmt: skip
     if syncnet_path is not None:
@@ -233,3 +238,61 @@ def flags(result: Evaluation) -> list[str]:
     if ref is not None and ref.outside_changed > OUTSIDE_FLAG:
         out.append(f"changed outside the mouth in {ref.outside_changed:.1%} of frames")
     return out
+
+
+REPORT_COLOURS = {"dub": (220, 60, 40), "reference": (40, 110, 220), "speech": (150, 150, 150),
+                  "correlation": (30, 140, 60)}  # fmt: skip
+
+
+def report_image(result: Evaluation) -> np.ndarray:
+    """The report: mouth opening of the dub and the reference against the speech over time, the sync correlation at
+    each offset, and the lower halves of crops across the clip (dub above, reference below). (H, 640, 3) RGB."""
+    import cv2
+
+    from .monitor import PLOT_W, line_panel
+
+    seconds = np.arange(result.frames) / result.fps
+    curves = {}
+    if result.opening is not None:
+        curves["dub"] = (seconds, result.opening)
+    if result.reference_opening is not None:
+        curves["reference"] = (seconds, result.reference_opening)
+    if result.envelope is not None and curves:
+        # The speech loudness (dB) drawn on the opening's scale.
+        values = np.concatenate([v[np.isfinite(v)] for _, v in curves.values()] or [np.zeros(1)])
+        lo, hi = (values.min(), values.max()) if values.size else (0.0, 1.0)
+        env = result.envelope
+        scaled = lo + (env - env.min()) / max(np.ptp(env), 1e-6) * (hi - lo)
+        curves["speech"] = (seconds, scaled)
+    panels = [line_panel("mouth opening (crop px) and speech loudness (grey, rescaled)", curves, x_label="seconds",
+                         colours=REPORT_COLOURS)]  # fmt: skip
+    if result.sync is not None:
+        title = (
+            f"sync: fit at each audio offset; offset {result.sync.offset:+d}, confidence {result.sync.confidence:.2f}"
+        )
+        panels.append(line_panel(title, {"correlation": (result.sync.offsets.astype(float), result.sync.curve)},
+                                 x_label="frames", colours=REPORT_COLOURS))  # fmt: skip
+    if result.strip is not None:
+        strip = result.strip
+        width = PLOT_W
+        height = max(1, round(strip.shape[0] * width / strip.shape[1]))
+        panels.append(cv2.resize(strip, (width, height), interpolation=cv2.INTER_AREA))
+    return np.concatenate(panels, axis=0)
+
+
+def check_report_path(path: Path, *inputs: Path) -> None:
+    """Refuse a report path that is not a .png in a writable folder, or that is one of the inputs, before any work."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise TalkeditError(f"{path}: the report is a PNG image; name it .png.")
+    if any(path.resolve() == Path(item).resolve() for item in inputs):
+        raise TalkeditError(f"{path}: the report would overwrite an input; choose another path.")
+    parent = path.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise TalkeditError(f"{path}: folder {parent} does not exist or is not writable; choose another path.")
+
+
+def write_report(result: Evaluation, path: str | os.PathLike) -> None:
+    from .monitor import write_png
+
+    write_png(Path(path), report_image(result))

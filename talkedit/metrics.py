@@ -75,7 +75,7 @@ def outside_region(mask: np.ndarray, matrix: np.ndarray, height: int, width: int
 
 def frame_pairs(dub: Analysis, reference: Analysis) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(index, dub frame, reference frame), RGB, decoded side by side over the dub's frames."""
-    yield from zip(range(dub.frame_count), iter_frames(dub.video), iter_frames(reference.video))
+    yield from zip(range(dub.frame_count), iter_frames(dub.video), iter_frames(reference.video))  # noqa: B905
 
 
 def score_against(

@@ -42,7 +42,14 @@ def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([points[s] for s in sorted(points)], float)
 
 
-def _panel(title: str, curves: dict[str, tuple[np.ndarray, np.ndarray]], log_y: bool) -> np.ndarray:
+def line_panel(
+    title: str,
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    log_y: bool = False,
+    x_label: str = "step",
+    colours: dict[str, tuple[int, int, int]] = COLOURS,
+) -> np.ndarray:
+    """One PLOT_W x PLOT_H chart: curves {label: (x, y)}, coloured by label (RGB). Returns (H, W, 3) uint8 RGB."""
     import cv2
 
     image = np.full((PLOT_H, PLOT_W, 3), 255, np.uint8)
@@ -68,20 +75,24 @@ def _panel(title: str, curves: dict[str, tuple[np.ndarray, np.ndarray]], log_y: 
         return np.stack([x, y], 1).round().astype(np.int32)
 
     for k, (label, (s, v)) in enumerate(curves.items()):
-        if not len(v):
+        finite = np.isfinite(v)
+        if not finite.any():
             continue
-        colour = COLOURS.get(label, (0, 0, 0))
-        points = to_px(s, v)
-        if len(points) > 1:
-            cv2.polylines(image, [points], False, colour, 1, cv2.LINE_AA)
+        colour = colours.get(label, (0, 0, 0))
+        # Gaps (NaN: no face, no value) break the line.
+        runs = np.split(np.arange(len(v)), np.flatnonzero(np.diff(finite.astype(np.int8))) + 1)
+        for run in runs:
+            if finite[run[0]] and len(run) > 1:
+                cv2.polylines(image, [to_px(s[run], v[run])], False, colour, 1, cv2.LINE_AA)
+        points = to_px(s[finite], v[finite])
         for p in points if len(points) < 40 else points[-1:]:
             cv2.circle(image, tuple(int(c) for c in p), 2, colour, -1)
         cv2.putText(image, label, (right - 170, top + 16 + 16 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1)
     for value, y in ((y_hi, top), (y_lo, bottom)):
         text = f"{10**value if log_y else value:.3g}"
         cv2.putText(image, text, (4, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(image, f"step {int(x_lo)}", (left, PLOT_H - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
-    cv2.putText(image, f"{int(x_hi)}", (right - 50, PLOT_H - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
+    cv2.putText(image, f"{x_label} {x_lo:g}", (left, PLOT_H - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
+    cv2.putText(image, f"{x_hi:g}", (right - 50, PLOT_H - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
     return image
 
 
@@ -94,8 +105,8 @@ def plot_metrics(records: list[dict], path: Path) -> None:
     ratio_steps, ratio = _series(records, "audio_ratio")
     last = f", audio-shift ratio {ratio[-1]:.3f} at step {int(ratio_steps[-1])}" if len(ratio) else ""
     panels = [
-        _panel("training loss (smoothed)", {"loss": (loss[0], smooth)}, log_y=True),
-        _panel(
+        line_panel("training loss (smoothed)", {"loss": (loss[0], smooth)}, log_y=True),
+        line_panel(
             "validation masked error, one-step denoising" + last,
             {"val_error": _series(records, "val_error"), "val_error_shifted": _series(records, "val_error_shifted")},
             log_y=True,

@@ -61,6 +61,7 @@ class DubOptions:
     offline: bool | None = None  # never download model files (default: the HF_HUB_OFFLINE environment variable)
     preview: str | None = None  # also write a before/after strip of crops (PNG) here
     guidance: float = 1.0  # classifier-free guidance on the audio (1 = off); needs a model trained with audio dropout
+    allow_silence: bool = False  # accept a silent recording (eval's silence case: the mouth should stay closed)
 
 
 @dataclass
@@ -213,7 +214,7 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
     # The speech is decoded once, on its file's timeline: the features and the muxed sound are the same samples.
     speech_wav = decode_speech(speech, scratch / "speech.wav")
     wav = read_audio(speech_wav)
-    check_speech(wav, speech)
+    check_speech(wav, speech, allow_silence=options.allow_silence)
     fit_choice = options.fit
     if fit_choice is not None and fit_choice not in FITS:
         raise TalkeditError(f"--fit {fit_choice!r}: choose one of {', '.join(FITS)}.")

@@ -69,8 +69,6 @@ def mouth_opening(points: np.ndarray) -> np.ndarray:
 def speech_bands(wav: np.ndarray, num_frames: int, fps: Fraction | float) -> np.ndarray:
     """The speech at each video frame: the model's log-mel features (mel frames k and k+1, the window's centre),
     pooled into SPEECH_BANDS bands. wav (samples,) 16 kHz. Returns (num_frames, SPEECH_BANDS) float64, dB."""
-    if not np.any(wav):
-        return np.full((num_frames, SPEECH_BANDS), PAD_DB)
     windows = frame_windows(mel_spectrogram(wav), num_frames, fps)[:, 1:3].mean(axis=1)  # (T, 256)
     return np.stack([band.mean(axis=1) for band in np.array_split(windows, SPEECH_BANDS, axis=1)], axis=1)
 

@@ -1,0 +1,161 @@
+"""`talkedit eval`: the reference metrics, the reconstruction protocol and its baselines, the report, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from talkedit.evaluate import evaluate
+from talkedit.holdout import HoldoutOptions, holdout
+
+from .common import media, run_talkedit
+from .test_bad_input import lavfi
+
+GRID = "grid_lwbsza_female_360x288_25fps.mpg"
+LONG = "lrs2_00016_male_looking_down_160x160_25fps.mp4"  # 11 s: long enough for the sync measure to speak
+
+
+@pytest.fixture(scope="module")
+def protocol(talkedit_home, tmp_path_factory):
+    """The reconstruction protocol on a real clip, dubbing with the random-weight test model."""
+    home, tiny = talkedit_home
+    work = tmp_path_factory.mktemp("holdout")
+    options = HoldoutOptions(model=str(tiny), tail_seconds=4.0, workdir=str(work), offline=True)
+    return holdout(media(LONG), options)
+
+
+def test_the_original_against_itself_is_perfect(protocol):
+    original = protocol.cases["original"].reference
+    assert original.psnr == math.inf and original.ssim == pytest.approx(1.0)
+    assert original.lmd == 0 and original.jitter == pytest.approx(1.0) and original.colour_drift == 0
+    assert original.outside_changed == 0 and original.outside_error == 0
+    assert protocol.cases["original"].flags == []
+
+
+def test_a_random_model_scores_clearly_worse_than_the_original(protocol):
+    original, dub = protocol.cases["original"], protocol.cases["dub"]
+    assert original.sync is not None and original.sync.confidence >= 2.0
+    assert dub.sync is None or dub.sync.confidence < original.sync.confidence - 0.5
+    assert dub.reference.psnr < 20 and dub.reference.lmd > 2
+    # Worse than the baselines that keep a real mouth, too.
+    assert dub.reference.psnr < protocol.cases["other moment"].reference.psnr
+    assert dub.reference.lmd > protocol.cases["other moment"].reference.lmd
+    assert any(flag.startswith(("weak sync", "no sync", "frozen")) for flag in dub.flags)
+
+
+def test_a_frozen_mouth_is_flagged(protocol):
+    frozen = protocol.cases["frozen mouth"]
+    assert any(flag.startswith("frozen mouth") for flag in frozen.flags)
+    assert frozen.reference.motion_ratio < 0.3
+    assert not any(flag.startswith("frozen mouth") for flag in protocol.cases["other moment"].flags)
+
+
+def test_baselines_change_nothing_outside_the_mouth(protocol):
+    for name in ("frozen mouth", "other moment", "dub"):
+        assert protocol.cases[name].reference.outside_changed == 0, name
+
+
+def test_every_case_is_scored_on_the_tail(protocol):
+    assert set(protocol.cases) == {"original", "frozen mouth", "other moment", "dub", "dub, unrelated speech",
+                                   "dub, silence"}  # fmt: skip
+    assert protocol.tail_frames == 100
+    for case in protocol.cases.values():
+        assert case.frames == protocol.tail_frames
+    assert protocol.cases["dub, silence"].sync is None  # silence has nothing to follow
+    json.dumps(protocol.to_json())  # all of it serialises
+
+
+def test_eval_cli_table_json_and_report(talkedit_home, tmp_path):
+    video = media(GRID)
+    report = tmp_path / "report.png"
+    done = run_talkedit("eval", str(video), "--reference", str(video), "--json", "--report", str(report), "--offline")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["reference"]["psnr"] == "inf" and summary["reference"]["lmd"] == 0
+    assert len(summary["sync"]["curve"]) == 31
+    assert "PSNR" in done.stderr and "LSE-C/D" in done.stderr
+    import cv2
+
+    image = cv2.imread(str(report))
+    assert image is not None and image.shape[1] == 640 and image.shape[0] > 480
+
+
+def test_lse_is_computed_with_installed_syncnet_weights(talkedit_home, tmp_path):
+    from .test_syncnet import official_state
+
+    weights = tmp_path / "syncnet_v2.model"
+    torch.save(official_state(), weights)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "face-landmarker.task").write_bytes((talkedit_home[0] / "face-landmarker.task").read_bytes())
+    env = {"TALKEDIT_HOME": str(home)}
+    installed = run_talkedit("download-weights", "syncnet", "--from", str(weights), env=env)
+    assert installed.returncode == 0, installed.stderr
+    done = run_talkedit("eval", str(media(GRID)), "--json", "--offline", env=env)
+    assert done.returncode == 0, done.stderr
+    lse = json.loads(done.stdout)["lse"]
+    assert np.isfinite(lse["lse_c"]) and lse["lse_c"] >= 0 and np.isfinite(lse["lse_d"]) and lse["lse_d"] > 0
+
+
+def test_download_weights_refuses_a_foreign_syncnet_file(tmp_path):
+    bogus = tmp_path / "syncnet_v2.model"
+    torch.save({"something.else": torch.zeros(3)}, bogus)
+    done = run_talkedit("download-weights", "syncnet", "--from", str(bogus), env={"TALKEDIT_HOME": str(tmp_path)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert str(bogus) in done.stderr and "not SyncNet weights" in done.stderr
+    assert not (tmp_path / "syncnet.model").exists()
+
+
+def bad_case(kind: str, tmp):
+    video = media(GRID)
+    if kind == "no-face":
+        pattern = lavfi(tmp / "pattern.mp4", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25:duration=2")
+        return ["eval", str(pattern), "--speech", str(media("en_female_aoc_44k1_stereo.mp3"))], str(pattern)
+    if kind == "no-audio":
+        mute = lavfi(tmp / "mute.mp4", "-i", str(video), "-an", "-c:v", "libx264")
+        return ["eval", str(mute)], str(mute)
+    if kind == "reference-of-another-length":
+        other = media("hdtf_RD_Radio10_male_glasses_512_29.97fps.mp4")
+        return ["eval", str(video), "--reference", str(other)], str(other)
+    if kind == "missing-reference":
+        return ["eval", str(video), "--reference", str(tmp / "nowhere.mp4")], "nowhere.mp4"
+    if kind == "report-not-png":
+        return ["eval", str(video), "--report", str(tmp / "report.jpg")], "report.jpg"
+    if kind == "nothing-to-judge":
+        return ["eval"], "--holdout"
+    if kind == "holdout-too-short":
+        return ["eval", "--holdout", str(media("hdtf_RD_Radio10_male_glasses_512_29.97fps.mp4"))], "too short"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["no-face", "no-audio", "reference-of-another-length", "missing-reference", "report-not-png", "nothing-to-judge",
+     "holdout-too-short"],
+)  # fmt: skip
+def test_bad_input_gives_one_line_and_exit_1(talkedit_home, tmp_path, kind):
+    args, named = bad_case(kind, tmp_path)
+    done = run_talkedit(*args, "--offline")
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and named in errors[0], done.stderr
+    # Nothing else but progress bars.
+    others = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("error:")]
+    assert all("━" in line for line in others), done.stderr
+
+
+def test_evaluate_accepts_a_dub_shorter_than_its_reference(talkedit_home, tmp_path):
+    """A dub of a speech shorter than the video is compared with the reference's first frames."""
+    from .test_bad_input import lavfi as cut
+
+    video = media(GRID)
+    short = cut(tmp_path / "short.mp4", "-i", str(video), "-frames:v", "50", "-c:v", "libx264", "-crf", "0",
+                "-c:a", "aac")  # fmt: skip
+    result = evaluate(short, reference=video, offline=True)
+    assert result.frames == 50 and result.reference.frames == 50
+    assert result.reference.psnr > 40  # lossless picture; only rounding of the colour conversion differs
