@@ -28,6 +28,8 @@ OFFSET_FLAG = 3  # frames: a larger offset with a confident peak is reported as 
 FROZEN_MOTION = 0.3  # crop px: frame-to-frame opening change (high-passed std) below this is a frozen mouth
 FROZEN_RATIO = 0.3  # ... or below this share of the reference's mouth motion
 OUTSIDE_FLAG = 0.01  # share of frames changed away from the mouth
+CLOSED_QUANTILE = 0.2  # the original's mouth this closed or more counts as closed ...
+OPEN_IN_SILENCE = 1.0  # ... and a silent dub whose mean opening exceeds that by this many crop px is flagged
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Evaluation:
     reference: ReferenceScores | None
     mouth_motion: float  # std of the high-passed mouth opening, crop px
     mean_opening: float  # crop px (the silence case: near the original's closed mouth)
+    silent: bool = False  # the speech is silence: there is nothing to follow, and the mouth should stay closed
     flags: list[str] = field(default_factory=list)
     # For the report: (T,) curves and a few crops.
     opening: np.ndarray | None = None
@@ -62,7 +65,7 @@ class Evaluation:
         return {"video": str(self.video), "speech": self.speech, "frames": self.frames, "fps": self.fps,
                 "sync": sync, "lse": self.lse, "lse_note": self.lse_note, "reference": reference,
                 "mouth_motion": round(self.mouth_motion, 4),
-                "mean_opening": round(self.mean_opening, 4), "flags": self.flags}  # fmt: skip
+                "mean_opening": round(self.mean_opening, 4), "silent": self.silent, "flags": self.flags}  # fmt: skip
 
 
 def mouth_motion(opening: np.ndarray, fps: float) -> float:
@@ -109,6 +112,9 @@ def evaluate(
         source = Path(speech) if speech is not None else video
         wav = read_audio(decode_speech(source, Path(scratch) / "speech.wav"))
     check_speech(wav, source, allow_silence=allow_silence)
+    from .audio import SILENCE_PEAK
+
+    silent = float(np.abs(wav).max(initial=0.0)) < SILENCE_PEAK
 
     analysis = preprocess(video, face=face, output_dir=analysis_dir, offline=offline, progress=progress)
     fps = float(info.fps)
@@ -121,7 +127,7 @@ def evaluate(
         video=video, speech=str(speech) if speech is not None else "own audio", frames=frames, fps=fps, sync=sync,
         lse=None, lse_note=lse_note, reference=None, mouth_motion=mouth_motion(opening, fps),
         mean_opening=float(np.nanmean(opening)) if np.isfinite(opening).any() else 0.0, opening=opening,
-        envelope=bands.mean(axis=1),
+        envelope=bands.mean(axis=1), silent=silent,
     )  # fmt: skip
     if syncnet_path is not None:
         result.lse = _lse(analysis, wav, syncnet_path, progress)
@@ -224,6 +230,13 @@ def flags(result: Evaluation) -> list[str]:
     """What a user should look at before publishing, one line each."""
     out = []
     ref = result.reference
+    if result.silent:  # nothing to follow: only whether the mouth stays closed can be judged
+        if result.reference_opening is not None and np.isfinite(result.reference_opening).any():
+            closed = float(np.nanquantile(result.reference_opening, CLOSED_QUANTILE))
+            if result.mean_opening > closed + OPEN_IN_SILENCE:
+                out.append(f"open in silence: mean opening {result.mean_opening:.2f} crop px, the original's closed "
+                           f"mouth {closed:.2f}")  # fmt: skip
+        return out
     if result.mouth_motion < FROZEN_MOTION or (ref is not None and ref.motion_ratio is not None
                                                and ref.motion_ratio < FROZEN_RATIO):  # fmt: skip
         out.append(f"frozen mouth: the mouth barely moves (motion {result.mouth_motion:.2f} crop px)")

@@ -26,6 +26,7 @@ import numpy as np
 from .analysis import Progress, no_progress, preprocess
 from .errors import TalkeditError
 from .evaluate import Evaluation, evaluate
+from .train import TrainOptions
 
 log = logging.getLogger("talkedit")
 
@@ -41,6 +42,7 @@ class HoldoutOptions:
     model: str = "default"  # what `dub` uses (a name or a weights file)
     tail_seconds: float | None = None  # default: TAIL_SHARE of the clip, at least MIN_TAIL_SECONDS
     train_steps: int | None = None  # fine-tune on the head first, this many steps
+    train: TrainOptions | None = None  # the fine-tune's other settings (default: `talkedit train`'s)
     unrelated: str | None = None  # speech for the unrelated case (default: the tail's own speech, reversed)
     steps: int | None = None  # sampling steps per frame (default: the model's)
     sampler: str | None = None
@@ -121,14 +123,19 @@ def _holdout(clip: Path, options: HoldoutOptions, progress: Progress, work: Path
 
     model = options.model
     if options.train_steps:
-        from .train import TrainOptions, train
+        from dataclasses import replace
+
+        from .train import train
 
         head_video = _cut(info, 0, head, head_wav, work / "head.mp4", progress)
-        tuned = train([head_video], work / "finetuned.safetensors",
-                      TrainOptions(steps=options.train_steps, init=model, device=options.device, seed=options.seed,
-                                   workdir=str(work / "finetune.train")),
-                      progress=progress, build={"face": options.face, "analysis_dir": options.analysis_dir,
-                                                "offline": options.offline})  # fmt: skip
+        settings = replace(options.train or TrainOptions(), steps=options.train_steps, init=model, seed=options.seed,
+                           device=options.device, workdir=str(work / "finetune.train"))  # fmt: skip
+        build = {"face": options.face, "analysis_dir": options.analysis_dir, "offline": options.offline}
+
+        def train_progress(stage: str, done: int, total: int, note: str | None = None) -> None:
+            progress(stage, done, total)  # a Progress takes no note
+
+        tuned = train([head_video], work / "finetuned.safetensors", settings, progress=train_progress, build=build)
         if tuned.output is None:
             raise TalkeditError(f"fine-tuning on the head of {clip} stopped early ({tuned.stopped}).")
         model = str(tuned.output)

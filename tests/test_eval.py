@@ -159,3 +159,30 @@ def test_evaluate_accepts_a_dub_shorter_than_its_reference(talkedit_home, tmp_pa
     result = evaluate(short, reference=video, offline=True)
     assert result.frames == 50 and result.reference.frames == 50
     assert result.reference.psnr > 40  # lossless picture; only rounding of the colour conversion differs
+
+
+def test_silence_is_judged_by_whether_the_mouth_closes(protocol):
+    silent_dub = protocol.cases["dub, silence"]
+    assert silent_dub.silent
+    assert not any(flag.startswith(("frozen", "weak sync", "no sync")) for flag in silent_dub.flags)
+    # The original, talking, set against silence: its open mouth is flagged.
+    work = protocol.cases["original"].video.parent
+    talking = evaluate(work / "tail.mp4", work / "silence.wav", work / "tail.mp4", offline=True, allow_silence=True)
+    assert talking.silent and talking.sync is None
+    assert any(flag.startswith("open in silence") for flag in talking.flags), talking.flags
+
+
+def test_holdout_fine_tunes_on_the_head_when_asked(talkedit_home, tmp_path):
+    from talkedit.train import TrainOptions
+    from talkedit.weights import read_weights
+
+    clip = media("hdtf_WDA_AOC_female_512_25fps_mpeg4.mp4")
+    quick = TrainOptions(batch=2, eval_samples=4, strip_frames=0)  # the settings `--train-steps` leaves at defaults
+    options = HoldoutOptions(model=str(talkedit_home[1]), train_steps=2, train=quick, tail_seconds=2.0,
+                             workdir=str(tmp_path), offline=True)  # fmt: skip
+    result = holdout(clip, options)
+    tuned = tmp_path / "finetuned.safetensors"
+    assert result.model == str(tuned) and result.head_frames == 150 and result.tail_frames == 50
+    provenance = read_weights(tuned).provenance
+    assert provenance["steps"] == 2, provenance  # trained on the head: the dubs used the fine-tuned model
+    assert result.cases["original"].reference.psnr == math.inf
