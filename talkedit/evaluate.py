@@ -98,7 +98,7 @@ def evaluate(
     `syncnet`: a syncnet_v2.model for LSE-C/D (default: the cached `syncnet` entry when installed). `chain_starts`:
     the dub's chain starts when known (default: planned again as `dub` plans them, from the speech).
     """
-    from .audio import check_speech
+    from .audio import SILENCE_PEAK, check_speech
     from .media import decode_speech, probe_video, read_audio
 
     video = Path(video)
@@ -112,8 +112,6 @@ def evaluate(
         source = Path(speech) if speech is not None else video
         wav = read_audio(decode_speech(source, Path(scratch) / "speech.wav"))
     check_speech(wav, source, allow_silence=allow_silence)
-    from .audio import SILENCE_PEAK
-
     silent = float(np.abs(wav).max(initial=0.0)) < SILENCE_PEAK
 
     analysis = preprocess(video, face=face, output_dir=analysis_dir, offline=offline, progress=progress)

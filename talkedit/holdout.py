@@ -117,7 +117,6 @@ def _holdout(clip: Path, options: HoldoutOptions, progress: Progress, work: Path
     split = round(head / fps * SAMPLE_RATE)
     tail_samples = round(tail / fps * SAMPLE_RATE)  # the sound may end before the picture: pad it with silence
     tail_wav = write_wav(work / "tail.wav", _pad(wav[split:], tail_samples), SAMPLE_RATE)
-    head_wav = write_wav(work / "head.wav", wav[:split], SAMPLE_RATE)
     tail_video = _cut(info, head, total, tail_wav, work / "tail.mp4", progress)
     samples = read_audio(tail_wav)
 
@@ -127,6 +126,7 @@ def _holdout(clip: Path, options: HoldoutOptions, progress: Progress, work: Path
 
         from .train import train
 
+        head_wav = write_wav(work / "head.wav", wav[:split], SAMPLE_RATE)
         head_video = _cut(info, 0, head, head_wav, work / "head.mp4", progress)
         settings = replace(options.train or TrainOptions(), steps=options.train_steps, init=model, seed=options.seed,
                            device=options.device, workdir=str(work / "finetune.train"))  # fmt: skip
