@@ -554,9 +554,9 @@ def eval_(
     if (video is None) == (holdout is None):
         raise TalkeditError("give a VIDEO to judge, or --holdout CLIP for the reconstruction protocol (not both).")
     if report is not None:
-        from .evaluate import check_report_path
+        from .media import check_image_path
 
-        check_report_path(report, *(p for p in (video, speech, reference, holdout) if p is not None))
+        check_image_path(report, *(p for p in (video, speech, reference, holdout) if p is not None))
     offline_flag = offline or None
     with StageProgress(quiet) as progress:
         if holdout is not None:

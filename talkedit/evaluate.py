@@ -291,18 +291,6 @@ def report_image(result: Evaluation) -> np.ndarray:
     return np.concatenate(panels, axis=0)
 
 
-def check_report_path(path: Path, *inputs: Path) -> None:
-    """Refuse a report path that is not a .png in a writable folder, or that is one of the inputs, before any work."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise TalkeditError(f"{path}: the report is a PNG image; name it .png.")
-    if any(path.resolve() == Path(item).resolve() for item in inputs):
-        raise TalkeditError(f"{path}: the report would overwrite an input; choose another path.")
-    parent = path.resolve().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise TalkeditError(f"{path}: folder {parent} does not exist or is not writable; choose another path.")
-
-
 def write_report(result: Evaluation, path: str | os.PathLike) -> None:
     from .monitor import write_png
 

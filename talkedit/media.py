@@ -552,6 +552,8 @@ def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> 
         raise MediaError(f"{output}: the output would overwrite an input; choose another output path.")
     if output.is_dir():
         raise MediaError(f"{output}: is a directory; give a file name such as out.mp4.")
+    if output.exists() and not output.is_file():  # a FIFO or a device (/dev/null) would be replaced by a file
+        raise MediaError(f"{output}: exists and is not a regular file; give a new file name such as out.mp4.")
     if output.suffix.lower() not in CONTAINERS:
         raise MediaError(
             f"{output}: talkedit writes H.264 video with AAC sound, which a {output.suffix} file cannot hold; "
@@ -590,7 +592,9 @@ class VideoWriter:
     ) -> None:
         self.output = Path(output)
         suffix = self.output.suffix.lower()
-        self.tmp = self.output.with_name(f".{self.output.stem}.talkedit-{os.getpid()}.partial{suffix or '.mp4'}")
+        # The stem is cut short: a legal long output name must not make an illegal temporary one.
+        stem = self.output.stem[:100]
+        self.tmp = self.output.with_name(f".{stem}.talkedit-{os.getpid()}.partial{suffix or '.mp4'}")
         self.width, self.height = width, height
         tags = {"color_range": colour.range}
         for option, value in (("colorspace", colour.matrix), ("color_primaries", colour.primaries),
@@ -680,16 +684,40 @@ def rgb_to_yuv420(image: np.ndarray, matrix: str = "bt601", full_range: bool = F
     return YUVFrame(buffer, h, w)
 
 
-def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write an (H, W, 3) uint8 RGB image; the format follows the suffix (PNG for .png)."""
+IMAGE_SUFFIXES = (".png",)
+
+
+def check_image_path(path: str | os.PathLike, *others: str | os.PathLike) -> Path:
+    """Refuse an image output (a preview, a report) that is not a .png, is one of `others` (inputs, the video
+    output), is not a regular file, or lies in a folder that does not exist or cannot be written, before any work."""
     path = Path(path)
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise MediaError(f"{path}: talkedit writes this image as PNG; name it .png.")
+    if any(path.resolve() == Path(item).resolve() for item in others):
+        raise MediaError(f"{path}: the image would overwrite another file of this run; choose another path.")
+    if path.exists() and not path.is_file():
+        raise MediaError(f"{path}: exists and is not a regular file; give a new file name such as preview.png.")
+    parent = path.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise MediaError(f"{path}: folder {parent} does not exist or is not writable; choose another path.")
+    return path
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 RGB image atomically (a temporary file beside it, renamed); the format follows the
+    suffix (PNG for .png)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem[:100]}.talkedit-{os.getpid()}.partial{path.suffix}")
     height, width = image.shape[:2]
     args = (
         ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}")
-        .output(str(path), vframes=1, update=1)
+        .output(str(tmp), vframes=1, update=1)
         .global_args("-v", "error", "-nostdin", "-y")
         .get_args()
     )
     proc = subprocess.run([ffmpeg_exe(), *args], input=np.ascontiguousarray(image).tobytes(), capture_output=True)
-    if proc.returncode != 0:
-        raise MediaError(f"{path}: cannot write the image ({_ffmpeg_message(proc.stderr)}).")
+    if proc.returncode == 0:
+        os.replace(tmp, path)
+        return
+    tmp.unlink(missing_ok=True)
+    raise MediaError(f"{path}: cannot write the image ({_ffmpeg_message(proc.stderr)}).")

@@ -27,6 +27,7 @@ from .media import (
     VideoInfo,
     VideoWriter,
     YUVFrame,
+    check_image_path,
     check_output_path,
     decode_speech,
     iter_yuv_frames,
@@ -204,6 +205,8 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
         if not path.exists():
             raise MediaError(f"{path}: no such file; check the {what} path.")
     output = check_output_path(output, video, speech)
+    if options.preview:
+        check_image_path(options.preview, output, video, speech)
     if options.steps is not None and options.steps < 1:
         raise TalkeditError(f"--steps {options.steps}: sampling needs at least 1 step per frame.")
     if options.sampler is not None and options.sampler not in ("ddim", "ddpm"):
@@ -403,6 +406,12 @@ def _generate(
             fp16=options.fp16,
             guidance=options.guidance,
         )
+        if not torch.isfinite(out).all():  # NaN would quantise to black mouths and exit 0
+            where = "in fp16 (try --fp32)" if options.fp16 or (options.fp16 is None and out.is_cuda) else ""
+            raise TalkeditError(
+                f"the model produced NaN or infinite pixels {where}; its weights are damaged or it diverged: "
+                "re-create or re-train it."
+            )
         # Quantise to uint8 as the official code does by saving PNGs.
         images = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         for n, (k, pos) in enumerate(call):

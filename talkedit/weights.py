@@ -133,6 +133,9 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
         raise WeightsError(f"{path}: cannot read ({exc.strerror or exc}).") from None
     except Exception as exc:  # safetensors' own error type moved between releases
         raise WeightsError(f"{not_ours} ({first_line(exc)}); re-create it with `talkedit import-weights`.") from None
+    broken = next((k for k, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if broken is not None:  # a flipped bit or a diverged training run: it would paint black mouths
+        raise WeightsError(f"{path}: tensor {broken} holds NaN or infinite values; the file is damaged, re-create it.")
     try:
         unet_config = UNetConfig.from_json(metadata["unet_config"])
         diffusion_config = DiffusionConfig.from_json(metadata["diffusion_config"])

@@ -1,0 +1,134 @@
+"""Abuse that once hurt (issue 10): every case is a reproduction that failed before its fix.
+
+Each runs the installed command on a tiny random-weight model and checks: exit code, one error line naming the file,
+no traceback, no partial or temporary file left, and the inputs unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from .common import media, run_talkedit
+
+VIDEO = "grid_swiz3n_black_male_360x288_25fps.mpg"
+SPEECH = "en_short_voice_recording_22k05_mono_1.8s.m4a"
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".partial" in p.name or p.name.endswith(".tmp"))
+
+
+def one_error(done, named: str) -> None:
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and named in errors[0], done.stderr
+
+
+@pytest.fixture()
+def inputs(tmp_path):
+    """Copies of a real video and speech, so that any change to them shows."""
+    video, speech = tmp_path / "in.mpg", tmp_path / "speech.m4a"
+    video.write_bytes(media(VIDEO).read_bytes())
+    speech.write_bytes(media(SPEECH).read_bytes())
+    return video, speech, {video: digest(video), speech: digest(speech)}
+
+
+def dub(talkedit_home, *args: str):
+    return run_talkedit("dub", *args, "--model", str(talkedit_home[1]), "--offline")
+
+
+# 1. --preview is checked with every other output, before any work.
+
+
+@pytest.mark.parametrize("case", ["preview-is-the-input", "preview-is-the-output", "preview-not-png",
+                                  "preview-in-missing-folder"])  # fmt: skip
+def test_preview_paths_are_checked_before_any_work(talkedit_home, inputs, tmp_path, case):
+    video, speech, before = inputs
+    output = tmp_path / "out.mp4"
+    previews = {"preview-is-the-input": video, "preview-is-the-output": output, "preview-not-png": tmp_path / "p.jpg",
+                "preview-in-missing-folder": tmp_path / "no" / "p.png"}  # fmt: skip
+    preview = previews[case]
+    done = dub(talkedit_home, str(video), str(speech), "-o", str(output), "--preview", str(preview))
+    assert done.returncode == 1
+    one_error(done, preview.name)
+    assert not output.exists() and leftovers(tmp_path) == []
+    assert {p: digest(p) for p in before} == before
+
+
+def test_a_good_preview_is_written(talkedit_home, inputs, tmp_path):
+    video, speech, _ = inputs
+    output, preview = tmp_path / "out.mp4", tmp_path / "preview.png"
+    done = dub(talkedit_home, str(video), str(speech), "-o", str(output), "--preview", str(preview), "-q")
+    assert done.returncode == 0, done.stderr
+    assert output.is_file() and preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and leftovers(tmp_path) == []
+
+
+# 3. Weights with NaN tensors are refused on load.
+
+
+def test_weights_with_nan_are_refused(talkedit_home, inputs, tmp_path):
+    video, speech, _ = inputs
+    from safetensors import safe_open
+
+    with safe_open(talkedit_home[1], framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(talkedit_home[1])
+    key = sorted(tensors)[3]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    broken = tmp_path / "broken.safetensors"
+    save_file(tensors, broken, metadata=metadata)
+    done = run_talkedit("dub", str(video), str(speech), "-o", str(tmp_path / "out.mp4"), "--model", str(broken),
+                        "--offline")  # fmt: skip
+    assert done.returncode == 1
+    one_error(done, str(broken))
+    assert key in done.stderr and not (tmp_path / "out.mp4").exists()
+
+
+# 4. An output that exists and is not a regular file is refused.
+
+
+def test_a_fifo_output_is_refused(talkedit_home, inputs, tmp_path):
+    video, speech, _ = inputs
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    done = dub(talkedit_home, str(video), str(speech), "-o", str(fifo))
+    assert done.returncode == 1
+    one_error(done, str(fifo))
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_a_long_legal_output_name_works(talkedit_home, inputs, tmp_path):
+    video, speech, _ = inputs
+    output = tmp_path / ("x" * 240 + ".mp4")  # 244 characters: legal; the temporary name must be too
+    done = dub(talkedit_home, str(video), str(speech), "-o", str(output), "-q")
+    assert done.returncode == 0, done.stderr
+    assert output.is_file() and leftovers(tmp_path) == []
+
+
+def test_sampler_output_that_is_not_finite_stops_the_dub(talkedit_home, inputs, tmp_path, monkeypatch):
+    """A model that diverges mid-run (finite weights, NaN out) fails instead of writing black mouths."""
+    from talkedit import pipeline
+    from talkedit.errors import TalkeditError
+
+    video, speech, _ = inputs
+
+    def nan_frames(model, crops, *args, **kwargs):
+        return torch.full_like(crops, float("nan"))
+
+    monkeypatch.setattr("talkedit.diffusion.sample_frames", nan_frames)
+    options = pipeline.DubOptions(model=str(talkedit_home[1]), offline=True)
+    with pytest.raises(TalkeditError, match="NaN or infinite"):
+        pipeline.dub(video, speech, tmp_path / "out.mp4", options)
+    assert not (tmp_path / "out.mp4").exists() and leftovers(tmp_path) == []
