@@ -184,40 +184,83 @@ def _parse_face(text: str | None) -> FaceChoice:
         raise TalkeditError(f"--face {text!r}: {exc}; use a rank (1 = largest face) or a point 'x,y'.") from None
 
 
+CACHE_FILES = ("track.npz", "masks.npy", "crops.npy")
+
+
+def _sweep_stale(directory: Path) -> None:
+    """Remove temporary cache folders of this key left by processes that are gone (killed mid-save)."""
+    for stale in directory.parent.glob(f".{directory.name}.*.tmp"):
+        try:
+            pid = int(stale.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)  # raises if no such process
+            if pid != os.getpid():
+                continue
+        except (ValueError, ProcessLookupError):
+            pass
+        except PermissionError:  # alive, someone else's
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _save_analysis(analysis: Analysis) -> None:
-    """Write the cache atomically: a temporary folder renamed into place."""
+    """Write the cache atomically: a temporary folder renamed into place. analysis.json records the frame count and
+    each file's sha256, which loading checks."""
+    from .manifest import file_sha256
+
     directory = analysis.directory
     tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale(directory)
+        tmp.mkdir()
         np.savez(tmp / "track.npz", landmarks=analysis.landmarks, track=analysis.track, matrices=analysis.matrices)
         np.save(tmp / "masks.npy", analysis.masks)
         np.save(tmp / "crops.npy", analysis.crops)
         from .media import write_image
 
         write_image(tmp / "preview.png", contact_sheet(analysis))
-        meta = {"talkedit": __version__, "version": ANALYSIS_VERSION, "source": str(analysis.video.path)}
+        hashes = {name: file_sha256(tmp / name) for name in CACHE_FILES}
+        meta = {"talkedit": __version__, "version": ANALYSIS_VERSION, "source": str(analysis.video.path),
+                "frames": analysis.frame_count, "sha256": hashes}  # fmt: skip
         (tmp / "analysis.json").write_text(json.dumps(meta))
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise MediaError(
-            f"{directory}: cannot write the analysis cache ({exc.strerror}); use another directory."
+            f"{directory}: cannot write the analysis cache ({exc.strerror or exc}); use another directory "
+            "(--analysis-dir) or free some space."
         ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # on every exit path, KeyboardInterrupt included
 
 
 def _load_analysis(directory: Path, info: VideoInfo) -> Analysis | None:
+    """The cached analysis, or None (then it is computed again) when it is missing, of another version, or fails any
+    check: every file's sha256, the shapes, and the frame count against the probe."""
+    from .manifest import file_sha256
+
     try:
         meta = json.loads((directory / "analysis.json").read_text())
-        if meta.get("version") != ANALYSIS_VERSION:
+        if not isinstance(meta, dict) or meta.get("version") != ANALYSIS_VERSION:
+            return None
+        hashes = meta["sha256"]
+        if any(file_sha256(directory / name) != hashes[name] for name in CACHE_FILES):
+            log.warning("%s: the analysis cache is damaged; analysing again", directory)
             return None
         with np.load(directory / "track.npz") as data:
             landmarks, track, matrices = data["landmarks"], data["track"], data["matrices"]
         masks = np.load(directory / "masks.npy", mmap_mode="r")
         crops = np.load(directory / "crops.npy", mmap_mode="r")
-    except (OSError, ValueError, KeyError):
+        frames = int(meta["frames"])
+        shapes_ok = (
+            landmarks.shape[0] == track.shape[0] == matrices.shape[0] == masks.shape[0] == crops.shape[0] == frames
+            and masks.shape[1:] == (CROP_SIZE, CROP_SIZE) and crops.shape[1:] == (CROP_SIZE, CROP_SIZE, 3)
+            and matrices.shape[1:] == (2, 3) and track.ndim == 1
+        )  # fmt: skip
+        if not shapes_ok or frames + MISSING_FRAMES_ALLOWED < info.frame_count:
+            log.warning("%s: the analysis cache does not fit the video; analysing again", directory)
+            return None
+    except Exception:  # noqa: BLE001 - a cache that cannot be read in any way is simply recomputed
         return None
     return Analysis(info, landmarks, track, matrices, masks, crops, directory)
 

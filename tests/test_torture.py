@@ -132,3 +132,58 @@ def test_sampler_output_that_is_not_finite_stops_the_dub(talkedit_home, inputs, 
     with pytest.raises(TalkeditError, match="NaN or infinite"):
         pipeline.dub(video, speech, tmp_path / "out.mp4", options)
     assert not (tmp_path / "out.mp4").exists() and leftovers(tmp_path) == []
+
+
+# 2 and 5. A damaged analysis cache is analysed again; temporary cache folders never stay.
+
+
+def _cached(talkedit_home, video, tmp_path):
+    from talkedit.analysis import preprocess
+
+    return preprocess(video, output_dir=tmp_path / "analysis", offline=True)
+
+
+@pytest.mark.parametrize("damage", ["random-crops", "short-track", "json-a-list", "masks-wrong-shape", "truncated-npz"])
+def test_a_damaged_analysis_cache_is_recomputed(talkedit_home, inputs, tmp_path, damage):
+    import json
+
+    import numpy as np
+
+    from talkedit.analysis import preprocess
+
+    video = inputs[0]
+    first = _cached(talkedit_home, video, tmp_path)
+    folder, frames = first.directory, first.frame_count
+    crops = np.array(first.crops)
+    if damage == "random-crops":
+        data = np.load(folder / "crops.npy")
+        np.save(folder / "crops.npy", np.random.default_rng(0).integers(0, 255, data.shape, dtype=np.uint8))
+    elif damage == "short-track":
+        with np.load(folder / "track.npz") as d:
+            np.savez(folder / "track.npz", landmarks=d["landmarks"][:15], track=d["track"][:15],
+                     matrices=d["matrices"][:15])  # fmt: skip
+    elif damage == "json-a-list":
+        (folder / "analysis.json").write_text(json.dumps([1, 2, 3]))
+    elif damage == "masks-wrong-shape":
+        np.save(folder / "masks.npy", np.zeros((frames, 64, 64), np.uint8))
+    elif damage == "truncated-npz":
+        data = (folder / "track.npz").read_bytes()
+        (folder / "track.npz").write_bytes(data[: len(data) // 2])
+    again = preprocess(video, output_dir=tmp_path / "analysis", offline=True)
+    assert again.frame_count == frames and np.array_equal(np.array(again.crops), crops)
+    assert again.crops.shape[0] == len(again.track) == frames and again.masks.shape == (frames, 128, 128)
+
+
+def test_stale_temporary_cache_folders_are_swept(talkedit_home, inputs, tmp_path):
+    from talkedit.analysis import content_key, preprocess
+    from talkedit.face import FaceChoice
+    from talkedit.media import probe_video
+
+    video = inputs[0]
+    root = tmp_path / "analysis"
+    key = content_key(probe_video(video).path, FaceChoice.parse(None))
+    dead = root / f".{key}.999999999.tmp"  # a process that cannot exist
+    dead.mkdir(parents=True)
+    (dead / "crops.npy").write_bytes(b"half written")
+    preprocess(video, output_dir=root, offline=True)
+    assert sorted(p.name for p in root.iterdir()) == [key]
