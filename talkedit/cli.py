@@ -17,6 +17,7 @@ from typing import Annotated, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import TalkeditError
@@ -30,7 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, emoji=False)  # user paths print as given: no :emoji: codes
 
 F = TypeVar("F", bound=Callable)
 
@@ -43,7 +44,7 @@ def reports_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except TalkeditError as exc:
-            stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("[bold red]interrupted[/]")
@@ -273,7 +274,7 @@ def dub(
         stderr.print(
             f"[bold green]Done[/] in {result.seconds:.1f} s: {result.frames_written} frames written, "
             f"{result.frames_generated} with a generated mouth, {result.frames_passed_through} passed through.\n"
-            f"Output: [bold]{result.output}[/]",
+            f"Output: [bold]{escape(str(result.output))}[/]",
             highlight=False,
             soft_wrap=True,
         )
@@ -317,7 +318,7 @@ def preprocess(
         typer.echo(json.dumps(summary))
     if not quiet:
         stderr.print(
-            f"{analysis.frame_count} frames, face tracked in {tracked}.\nPreview: [bold]{preview}[/]",
+            f"{analysis.frame_count} frames, face tracked in {tracked}.\nPreview: [bold]{escape(str(preview))}[/]",
             highlight=False,
             soft_wrap=True,
         )
@@ -350,7 +351,7 @@ def pack(
     with StageProgress(quiet) as progress:
         build_pack(videos, output, face=face, analysis_dir=analysis_dir, offline=offline or None, progress=progress)
     if not quiet:
-        stderr.print(f"Pack: [bold]{output}[/] ({output.stat().st_size / 2**20:.1f} MiB)", highlight=False)
+        stderr.print(f"Pack: [bold]{escape(str(output))}[/] ({output.stat().st_size / 2**20:.1f} MiB)", highlight=False)
 
 
 @app.command()
@@ -467,7 +468,7 @@ def train(
     if result.stopped:  # said even with --quiet: the run is not finished
         stderr.print(
             f"[bold yellow]Stopped[/] ({result.stopped}) at step {result.steps_done} of {result.steps}; the checkpoint "
-            f"is in {result.workdir}. Continue with the same command and [bold]--resume[/].",
+            f"is in {escape(str(result.workdir))}. Continue with the same command and [bold]--resume[/].",
             highlight=False,
             soft_wrap=True,
         )
@@ -478,7 +479,7 @@ def train(
     scores = f" Validation error {last['val_error']:.4f}, audio-shift ratio {last['audio_ratio']:.3f}." if last else ""
     stderr.print(
         f"[bold green]Done[/]: {result.steps_done} steps in {result.seconds:.0f} s.{scores}\n"
-        f"Model: [bold]{result.output}[/]  (curves: {result.workdir / 'train.png'})",
+        f"Model: [bold]{escape(str(result.output))}[/]  (curves: {escape(str(result.workdir / 'train.png'))})",
         highlight=False,
         soft_wrap=True,
     )
@@ -589,7 +590,7 @@ def eval_(
     if not quiet:
         _print_scores(cases)
         if report is not None:
-            stderr.print(f"Report: [bold]{report}[/]", highlight=False, soft_wrap=True)
+            stderr.print(f"Report: [bold]{escape(str(report))}[/]", highlight=False, soft_wrap=True)
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -602,7 +603,6 @@ def _fmt(value, digits: int = 2) -> str:
 
 def _print_scores(cases: dict) -> None:
     """One row per video: sync, LSE, reference scores, then each one's flags."""
-    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title_justify="left")
@@ -621,7 +621,7 @@ def _print_scores(cases: dict) -> None:
             f"{ref.outside_changed:.0%}" if ref else "-", _fmt(ref.chain_jump) if ref else "-",
             _fmt(e.mouth_motion), _fmt(e.mean_opening),
         )  # fmt: skip
-    Console(stderr=True, width=max(stderr.width, 160)).print(table)
+    Console(stderr=True, emoji=False, width=max(stderr.width, 160)).print(table)
     for name, e in cases.items():
         for flag in e.flags:
             stderr.print(f"[yellow]{escape(name)}:[/] {escape(flag)}", highlight=False, soft_wrap=True)
@@ -676,10 +676,10 @@ def download_weights(
             raise TalkeditError("--from installs one file: name its entry, e.g. `download-weights NAME --from FILE`.")
         path, warning = install_from(entries[names[0]], from_file)
         if warning:
-            stderr.print(f"[bold yellow]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
+            stderr.print(f"[bold yellow]WARNING:[/] {escape(warning)}", highlight=False, soft_wrap=True)
         if not quiet:
             state = "installed (unverified: hash recorded)" if warning else "installed and verified"
-            stderr.print(f"{names[0]}: {state} at {path}", highlight=False, soft_wrap=True)
+            stderr.print(f"{names[0]}: {state} at {escape(str(path))}", highlight=False, soft_wrap=True)
         return
     failures = []
     with StageProgress(quiet) as progress:
@@ -694,9 +694,9 @@ def download_weights(
                 failures.append(exc)
                 continue
             if not quiet:
-                stderr.print(f"{name}: verified, {path}", highlight=False, soft_wrap=True)
+                stderr.print(f"{name}: verified, {escape(str(path))}", highlight=False, soft_wrap=True)
     for exc in failures[:-1]:
-        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     if failures:
         raise failures[-1]
 
@@ -748,7 +748,8 @@ def import_weights(
     params = sum(t.numel() for t in written.state_dict.values())
     kind = "EMA" if written.provenance["ema"] else "raw"
     stderr.print(
-        f"Wrote [bold]{output}[/] ({params:,} parameters, {kind} weights from {written.provenance['source_file']}, "
+        f"Wrote [bold]{escape(str(output))}[/] ({params:,} parameters, {kind} weights from "
+        f"{escape(str(written.provenance['source_file']))}, "
         f"head channels {written.unet_config.head_channels})",
         highlight=False,
         soft_wrap=True,

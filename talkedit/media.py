@@ -59,6 +59,12 @@ def ffmpeg_exe() -> str:
     return exe
 
 
+def ffmpeg_path(path: str | os.PathLike) -> str:
+    """A local path as ffmpeg must be given it: with the file: protocol, so that a name with a colon (`a:b.mp4`) is
+    never read as another protocol."""
+    return "file:" + os.fspath(path)
+
+
 def _check_version(exe: str) -> None:
     try:
         text = subprocess.run([exe, "-hide_banner", "-version"], capture_output=True, text=True, timeout=30).stdout
@@ -215,7 +221,7 @@ def _header(path: Path) -> str:
         raise MediaError(f"{path}: no such file.")
     if not path.is_file():
         raise MediaError(f"{path}: not a file.")
-    proc = subprocess.run([ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path)], capture_output=True)
+    proc = subprocess.run([ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", ffmpeg_path(path)], capture_output=True)
     text = proc.stderr.decode(errors="replace")
     if "Input #0" not in text:
         raise MediaError(f"{path}: not a media file ffmpeg can read ({_ffmpeg_message(proc.stderr)}).")
@@ -236,7 +242,7 @@ class _PacketTiming:
 
 def _packet_timing(path: Path) -> _PacketTiming | None:
     """Packet times of the first video stream, read without decoding (a stream copy into the framecrc muxer)."""
-    args = ["-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0", "-c", "copy", "-f", "framecrc", "-"]
+    args = ["-nostdin", "-v", "error", "-i", ffmpeg_path(path), "-map", "0:v:0", "-c", "copy", "-f", "framecrc", "-"]
     proc = subprocess.run([ffmpeg_exe(), *args], capture_output=True)
     if proc.returncode != 0:
         return None
@@ -385,8 +391,8 @@ def decode_speech(path: str | os.PathLike, wav: str | os.PathLike) -> Path:
     features computed from it and the sound muxed from it are the same samples. Returns `wav`."""
     path, wav = Path(path), Path(wav)
     probe_audio(path)  # a file without sound is refused here, by name
-    args = ["-v", "error", "-i", str(path), "-map", "0:a:0", "-af", "aresample=async=1:first_pts=0",
-            "-c:a", "pcm_f32le", "-rf64", "auto", "-y", str(wav)]  # fmt: skip
+    args = ["-v", "error", "-i", ffmpeg_path(path), "-map", "0:a:0", "-af", "aresample=async=1:first_pts=0",
+            "-c:a", "pcm_f32le", "-rf64", "auto", "-f", "wav", "-y", ffmpeg_path(wav)]  # fmt: skip
     _run(args, path, "decoding the speech")
     return wav
 
@@ -399,7 +405,9 @@ def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     """
     path = Path(path)
     channels = 1 if probe_audio(path).channels == 1 else 2
-    args = ffmpeg.input(str(path)).output("pipe:", format="f32le", acodec="pcm_f32le", ac=channels, ar=sample_rate)
+    args = ffmpeg.input(ffmpeg_path(path)).output(
+        "pipe:", format="f32le", acodec="pcm_f32le", ac=channels, ar=sample_rate
+    )
     args = args.global_args("-map", "0:a:0", "-v", "error").get_args()
     proc = _run(args, path, "decoding the audio")
     return np.frombuffer(proc.stdout, dtype=np.float32).reshape(-1, channels).mean(axis=1, dtype=np.float32)
@@ -481,7 +489,7 @@ def _decode(info: VideoInfo, pix_fmt: str, frame_bytes: int, start: int) -> Iter
     if seek:
         # Half a frame early: accurate seeking drops every frame before that time, so frame `seek` comes first.
         input_opts["ss"] = f"{info.start + (seek - 0.5) / float(info.fps):.6f}"
-    video = ffmpeg.input(str(info.path), **input_opts)["v:0"]
+    video = ffmpeg.input(ffmpeg_path(info.path), **input_opts)["v:0"]
     out_opts = {"format": "rawvideo", "pix_fmt": pix_fmt}
     if pix_fmt == "rgb24":
         # One known conversion: the matrix and range the compositor inverts (colour.py), not swscale's default.
@@ -617,9 +625,13 @@ class VideoWriter:
         if CONTAINERS[suffix] in ("mp4", "mov"):
             opts["movflags"] = "+faststart"
         if audio is not None:
-            streams.append(ffmpeg.input(str(audio))["a:0"])
+            streams.append(ffmpeg.input(ffmpeg_path(audio))["a:0"])
             opts.update(acodec="aac", audio_bitrate="192k")
-        args = ffmpeg.output(*streams, str(self.tmp), **opts).global_args("-v", "error", "-nostdin", "-y").get_args()
+        args = (
+            ffmpeg.output(*streams, ffmpeg_path(self.tmp), **opts)
+            .global_args("-v", "error", "-nostdin", "-y")
+            .get_args()
+        )
         self.proc = subprocess.Popen([ffmpeg_exe(), *args], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         self.tail = _StderrTail(self.proc.stderr)
         self.frames = 0
@@ -711,7 +723,7 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
     height, width = image.shape[:2]
     args = (
         ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}")
-        .output(str(tmp), vframes=1, update=1)
+        .output(ffmpeg_path(tmp), vframes=1, update=1)
         .global_args("-v", "error", "-nostdin", "-y")
         .get_args()
     )

@@ -213,14 +213,14 @@ class _CropEncoder:
     """Streams RGB crops into one lossy but visually lossless H.264 4:4:4 file (ffmpeg's libx264)."""
 
     def __init__(self, path: Path, crf: int) -> None:
-        from .media import ffmpeg_exe
+        from .media import ffmpeg_exe, ffmpeg_path
 
         self.path = path
         args = [ffmpeg_exe(), "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{CROP}x{CROP}",
                 "-r", "25", "-i", "-", "-vf", "scale=out_color_matrix=bt601:out_range=pc:flags=accurate_rnd",
                 "-c:v", "libx264", "-pix_fmt", "yuv444p", "-crf", str(crf), "-preset", "slow",
                 "-color_range", "pc", "-colorspace", "smpte170m", "-color_primaries", "smpte170m",
-                "-color_trc", "smpte170m", str(path)]  # fmt: skip
+                "-color_trc", "smpte170m", ffmpeg_path(path)]  # fmt: skip
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def write(self, crops: np.ndarray) -> None:

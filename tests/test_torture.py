@@ -187,3 +187,36 @@ def test_stale_temporary_cache_folders_are_swept(talkedit_home, inputs, tmp_path
     (dead / "crops.npy").write_bytes(b"half written")
     preprocess(video, output_dir=root, offline=True)
     assert sorted(p.name for p in root.iterdir()) == [key]
+
+
+# 7. User paths are printed as given: no rich markup, no emoji codes.
+
+
+@pytest.mark.parametrize("name", ["nowhere[/x].mp4", "Talk [dQw4w9WgXcQ].mp4", "x:smile:y.mp4"])
+def test_user_paths_are_printed_as_given(talkedit_home, inputs, tmp_path, name):
+    video, speech, _ = inputs
+    missing = tmp_path / name
+    done = dub(talkedit_home, str(missing), str(speech), "-o", str(tmp_path / "out.mp4"))
+    assert done.returncode == 1
+    one_error(done, str(missing))
+
+
+def test_an_output_name_with_markup_is_written_and_named(talkedit_home, inputs, tmp_path):
+    video, speech, _ = inputs
+    output = tmp_path / "out [bold] [dQw4w9WgXcQ] :smile:.mp4"
+    done = dub(talkedit_home, str(video), str(speech), "-o", str(output))
+    assert done.returncode == 0, done.stderr
+    assert output.is_file() and str(output) in done.stderr.replace("\n", "")
+
+
+# 8. A name with a colon is a file, not an ffmpeg protocol.
+
+
+def test_paths_with_a_colon_are_files(talkedit_home, inputs, tmp_path, monkeypatch):
+    video, speech, _ = inputs
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a:b.mpg").write_bytes(video.read_bytes())
+    (tmp_path / "s:p.m4a").write_bytes(speech.read_bytes())
+    done = dub(talkedit_home, "a:b.mpg", "./s:p.m4a", "-o", "c:d.mp4", "-q")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "c:d.mp4").is_file() and leftovers(tmp_path) == []
