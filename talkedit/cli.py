@@ -72,9 +72,34 @@ def _root(
 # ---------------------------------------------------------------------------------------------------------------
 # Options shared by several commands, declared once.
 
+
+def _face_choice(value: str | None) -> str | None:
+    """--face is checked while the command line is parsed: a bad one is a usage error (exit 2)."""
+    if value is not None:
+        from .face import FaceChoice
+
+        try:
+            FaceChoice.parse(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def _one_of(*choices: str) -> Callable[[str | None], str | None]:
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
 FaceOption = Annotated[
     Optional[str],  # noqa: UP045
-    typer.Option(help="Which face to edit: its size rank (1 = largest, the default) or a point 'x,y' in pixels."),
+    typer.Option(
+        help="Which face to edit: its size rank (1 = largest, the default) or a point 'x,y' in pixels.",
+        callback=_face_choice,
+    ),
 ]
 AnalysisDirOption = Annotated[
     Optional[Path],  # noqa: UP045
@@ -175,7 +200,9 @@ def dub(
     model: Annotated[str, typer.Option(help="Model name from weights.toml, or a weights file.")] = "default",
     sampler: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="ddim (fast) or ddpm (the paper's sampler) (default: the model's)."),
+        typer.Option(
+            help="ddim (fast) or ddpm (the paper's sampler) (default: the model's).", callback=_one_of("ddim", "ddpm")
+        ),
     ] = None,
     steps: Annotated[
         Optional[int],  # noqa: UP045
@@ -195,7 +222,8 @@ def dub(
         Optional[str],  # noqa: UP045
         typer.Option(
             help="Speech longer than the video: pingpong (default: forward then backward), loop, or hold (freeze "
-            "the last frame). Speech shorter: trim (cut the video to the speech)."
+            "the last frame). Speech shorter: trim (cut the video to the speech).",
+            callback=_one_of("pingpong", "loop", "hold", "trim"),
         ),
     ] = None,
     batch: Annotated[

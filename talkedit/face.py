@@ -56,9 +56,16 @@ class FaceChoice:
         if not text:
             return cls()
         if "," in text:
-            x, y = (float(v) for v in text.split(","))
+            parts = text.split(",")
+            try:
+                x, y = (float(v) for v in parts)
+            except ValueError:
+                raise ValueError(f"{text!r} is not a point: give two numbers, 'x,y'") from None
             return cls(point=(x, y))
-        rank = int(text)
+        try:
+            rank = int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is neither a rank (1, 2, ...) nor a point 'x,y'") from None
         if rank < 1:
             raise ValueError("face rank counts from 1 (the largest face)")
         return cls(rank=rank)

@@ -129,12 +129,13 @@ def test_preprocess_refuses_bad_input(kind, talkedit_home, tmp_path):
 def test_bad_options_are_one_line_errors(talkedit_home, tmp_path):
     _, tiny = talkedit_home
     args = ["dub", str(media(GOOD_VIDEO)), str(media(GOOD_SPEECH)), "-o", str(tmp_path / "o.mp4"), "--model", str(tiny)]
+    # A value outside an option's choices is a usage error: exit 2 (issue 10).
     result = runner.invoke(app, [*args, "--fit", "sideways"])
-    assert result.exit_code == 1 and "--fit 'sideways'" in result.output
+    assert result.exit_code == 2 and "'sideways'" in result.output
     result = runner.invoke(app, [*args, "--face", "0"])
-    assert result.exit_code == 1 and "--face" in result.output
+    assert result.exit_code == 2 and "--face" in result.output
     result = runner.invoke(app, [*args, "--sampler", "euler"])
-    assert result.exit_code == 1 and "--sampler" in result.output
+    assert result.exit_code == 2 and "--sampler" in result.output
     result = runner.invoke(app, [*args, "--device", "cuda:7"])
     assert result.exit_code == 1 and "--device cuda:7" in result.output
     result = runner.invoke(app, [*args, "--steps", "0"])

@@ -220,3 +220,17 @@ def test_paths_with_a_colon_are_files(talkedit_home, inputs, tmp_path, monkeypat
     done = dub(talkedit_home, "a:b.mpg", "./s:p.m4a", "-o", "c:d.mp4", "-q")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "c:d.mp4").is_file() and leftovers(tmp_path) == []
+
+
+# 10. Values outside an option's choices are usage errors (exit 2), in words.
+
+
+@pytest.mark.parametrize(
+    "option", [("--fit", "sideways"), ("--sampler", "foo"), ("--face", "0"), ("--face", "abc"), ("--face", "1,2,3")]
+)
+def test_bad_choices_are_usage_errors(talkedit_home, inputs, tmp_path, option):
+    video, speech, _ = inputs
+    done = dub(talkedit_home, str(video), str(speech), "-o", str(tmp_path / "out.mp4"), *option)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert option[0] in done.stderr and "invalid literal" not in done.stderr
+    assert not (tmp_path / "out.mp4").exists()
