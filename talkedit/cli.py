@@ -36,8 +36,21 @@ stderr = Console(stderr=True, emoji=False)  # user paths print as given: no :emo
 F = TypeVar("F", bound=Callable)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so that every `with` and `finally` cleans up as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
 def reports_errors(command: F) -> F:
-    """Turn a TalkeditError into one red line on stderr and its exit code, with no traceback."""
+    """Turn a TalkeditError into one red line on stderr and its exit code, with no traceback; an interruption
+    (Ctrl-C, SIGTERM, SIGHUP) into exit 128 + the signal's number, after the cleanup on the way out."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -46,9 +59,12 @@ def reports_errors(command: F) -> F:
         except TalkeditError as exc:
             stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            stderr.print("[bold red]interrupted[/]")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            import signal
+
+            signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+            stderr.print(f"[bold red]interrupted[/] ({signal.Signals(signum).name})")
+            raise typer.Exit(128 + signum) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -785,4 +801,8 @@ def import_weights(
 
 
 def main() -> None:
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # `train` puts its own SIGTERM handler in place while it trains
+        signal.signal(signum, _terminate)
     app()

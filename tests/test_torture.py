@@ -234,3 +234,34 @@ def test_bad_choices_are_usage_errors(talkedit_home, inputs, tmp_path, option):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert option[0] in done.stderr and "invalid literal" not in done.stderr
     assert not (tmp_path / "out.mp4").exists()
+
+
+# 5. SIGTERM and SIGHUP clean up like Ctrl-C and exit 128 + n.
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_signal_while_writing_leaves_no_partial_file(talkedit_home, inputs, tmp_path, signame):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    video, _, before = inputs
+    output = tmp_path / "out.mp4"
+    exe = Path(sys.executable).with_name("talkedit")
+    long_speech = media("en_female_ljspeech_LJ001-0001_22k05_mono.wav")  # 9.7 s: a few seconds of writing
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    args = [str(exe), "dub", str(video), str(long_speech), "-o", str(output), "--model", str(talkedit_home[1]),
+            "--offline", "-q"]  # fmt: skip
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not any(".partial" in p.name for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the dub ended before it began writing"
+        time.sleep(0.01)
+    signum = getattr(signal, signame)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err and signame in err
+    assert not output.exists() and leftovers(tmp_path) == []
+    assert {p: digest(p) for p in before} == before
