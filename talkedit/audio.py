@@ -78,5 +78,10 @@ def check_speech(wav: np.ndarray, path: object, allow_silence: bool = False) -> 
     """Refuse a recording that is empty or (unless allowed) silent, with a message that names it."""
     if wav.size < WIN_LENGTH:
         raise MediaError(f"{path}: the speech is empty (under {WIN_LENGTH / SAMPLE_RATE * 1000:.0f} ms of audio).")
+    if not np.isfinite(wav).all():
+        raise MediaError(
+            f"{path}: the speech holds NaN or infinite samples; re-encode it (e.g. `ffmpeg -i IN -c:a pcm_s16le "
+            "OUT.wav`) and try again."
+        )
     if not allow_silence and float(np.abs(wav).max()) < SILENCE_PEAK:
         raise MediaError(f"{path}: the speech is silent (peak below -60 dBFS); give a recording with speech in it.")

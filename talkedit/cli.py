@@ -138,6 +138,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print a machine-readab
 def _setup(cache_dir: Path | None, quiet: bool, verbose: bool) -> None:
     """Apply the options every command shares."""
     if cache_dir is not None:
+        if cache_dir.expanduser().exists() and not cache_dir.expanduser().is_dir():
+            raise TalkeditError(f"--cache-dir {cache_dir}: is a file, not a folder; give a folder for the cache.")
         os.environ["TALKEDIT_HOME"] = str(cache_dir.expanduser().resolve())
     if verbose and not quiet:
         from rich.logging import RichHandler

@@ -365,6 +365,8 @@ def _check_device(name: str | None) -> torch.device:
         raise TalkeditError(f"--device {name!r}: not a device name; use cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise TalkeditError(f"--device {name}: no such CUDA device here; use --device cpu.")
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu, ...: the sampler and its autocast know CPU and CUDA
+        raise TalkeditError(f"--device {name}: talkedit runs on cpu or cuda only; use one of those.")
     return device
 
 

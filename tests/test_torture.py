@@ -265,3 +265,49 @@ def test_a_signal_while_writing_leaves_no_partial_file(talkedit_home, inputs, tm
     assert "Traceback" not in err and signame in err
     assert not output.exists() and leftovers(tmp_path) == []
     assert {p: digest(p) for p in before} == before
+
+
+# 6 (in part). Inputs and options that once gave tracebacks.
+
+
+def float_wav(path: Path, samples) -> Path:
+    """A 32-bit float WAV, which may hold NaN and infinity."""
+    import struct
+
+    import numpy as np
+
+    data = np.asarray(samples, "<f4").tobytes()
+    fmt = struct.pack("<IHHIIHH", 16, 3, 1, 16000, 64000, 4, 32)
+    path.write_bytes(b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + fmt + b"data"
+                     + struct.pack("<I", len(data)) + data)  # fmt: skip
+    return path
+
+
+def test_speech_with_nan_samples_is_refused_before_the_analysis(talkedit_home, inputs, tmp_path):
+    import numpy as np
+
+    video = inputs[0]
+    samples = 0.5 * np.sin(np.arange(32000) * 0.05)
+    samples[1000], samples[2000] = np.nan, np.inf
+    speech = float_wav(tmp_path / "nan.wav", samples)
+    done = dub(talkedit_home, str(video), str(speech), "-o", str(tmp_path / "out.mp4"))
+    assert done.returncode == 1
+    one_error(done, str(speech))
+    assert "NaN" in done.stderr and "Finding the face" not in done.stderr
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_devices_talkedit_cannot_use_are_refused(talkedit_home, inputs, tmp_path, device):
+    video, speech, _ = inputs
+    done = dub(talkedit_home, str(video), str(speech), "-o", str(tmp_path / "out.mp4"), "--device", device)
+    assert done.returncode == 1
+    one_error(done, f"--device {device}")
+
+
+def test_a_cache_dir_that_is_a_file_is_refused(talkedit_home, inputs, tmp_path):
+    video, speech, _ = inputs
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("x")
+    done = dub(talkedit_home, str(video), str(speech), "-o", str(tmp_path / "out.mp4"), "--cache-dir", str(blocker))
+    assert done.returncode == 1
+    one_error(done, str(blocker))
