@@ -45,6 +45,14 @@ class DiffusionConfig:
     eta: float = 0.0  # default DDIM stochasticity: 0 deterministic, 1 = DDPM's ancestral variance
 
     def __post_init__(self) -> None:
+        for name in ("train_steps", "steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        for name, lo, hi in (("eta", 0.0, 1.0), ("cosine_s", 0.0, 1.0), ("max_beta", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], not {value!r}")
         if self.schedule != "cosine":
             raise ValueError(f"unknown noise schedule {self.schedule!r}; only 'cosine' is implemented")
         if self.sampler not in SAMPLERS:

@@ -43,6 +43,16 @@ class UNetConfig:
         # JSON round-trips give lists; the dataclass is frozen and hashable only with tuples.
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+        counts = ("image_size", "in_channels", "out_channels", "base_channels", "head_channels", "audio_frames",
+                  "audio_bins", "norm_groups")  # fmt: skip
+        for name in counts:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        if not self.channel_mults or any(not isinstance(m, int) or m < 1 for m in self.channel_mults):
+            raise ValueError(f"channel_mults must be positive integers, not {self.channel_mults!r}")
+        if not isinstance(self.num_res_blocks, int) or self.num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be a positive integer, not {self.num_res_blocks!r}")
         widths = [self.base_channels * m for m in self.channel_mults]
         if any(w % self.norm_groups for w in widths):
             raise ValueError(f"every level width {widths} must be divisible by norm_groups={self.norm_groups}")
@@ -51,6 +61,7 @@ class UNetConfig:
             for level, m in enumerate(self.channel_mults)
             if self.image_size >> level in self.attention_resolutions
         ]
+        attn_widths.append(widths[-1])  # the middle block always attends
         if any(w % self.head_channels for w in attn_widths):
             raise ValueError(f"attention widths {attn_widths} must be divisible by head_channels={self.head_channels}")
 

@@ -311,3 +311,26 @@ def test_a_cache_dir_that_is_a_file_is_refused(talkedit_home, inputs, tmp_path):
     done = dub(talkedit_home, str(video), str(speech), "-o", str(tmp_path / "out.mp4"), "--cache-dir", str(blocker))
     assert done.returncode == 1
     one_error(done, str(blocker))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("diffusion_config", {"steps": 0}), ("diffusion_config", {"eta": "fast"}), ("unet_config", {"head_channels": 0}),
+     ("unet_config", {"head_channels": 1024})],  # 1024: the middle block would get zero attention heads
+)  # fmt: skip
+def test_crafted_weights_metadata_is_a_one_line_error(talkedit_home, inputs, tmp_path, field, value):
+    import json
+
+    from safetensors import safe_open
+
+    video, speech, _ = inputs
+    with safe_open(talkedit_home[1], framework="pt") as f:
+        metadata = dict(f.metadata())
+    metadata[field] = json.dumps({**json.loads(metadata[field]), **value})
+    crafted = tmp_path / "crafted.safetensors"
+    save_file(load_file(talkedit_home[1]), crafted, metadata=metadata)
+    done = run_talkedit("dub", str(video), str(speech), "-o", str(tmp_path / "out.mp4"), "--model", str(crafted),
+                        "--offline")  # fmt: skip
+    assert done.returncode == 1
+    one_error(done, str(crafted))
+    assert not (tmp_path / "out.mp4").exists()
