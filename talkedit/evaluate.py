@@ -70,14 +70,14 @@ class Evaluation:
 
 def mouth_motion(opening: np.ndarray, fps: float) -> float:
     """How much a mouth moves: std of the mouth opening after removing its slow drift (crop px)."""
-    from .sync import HIGHPASS_SECONDS, _highpass
+    from .sync import HIGHPASS_SECONDS, highpass
 
     tracked = np.isfinite(opening)
     if tracked.sum() < 3:
         return 0.0
     index = np.arange(len(opening))
     filled = np.interp(index, index[tracked], opening[tracked])
-    return float(_highpass(filled, max(1, round(HIGHPASS_SECONDS * fps)) | 1)[tracked].std())
+    return float(highpass(filled, max(1, round(HIGHPASS_SECONDS * fps)) | 1)[tracked].std())
 
 
 def evaluate(
@@ -107,7 +107,7 @@ def evaluate(
             raise MediaError(f"{path}: no such file; check the {what} path.")
     info = probe_video(video)
     ref_info = probe_video(reference) if reference is not None else None
-    syncnet_path, lse_note = _syncnet_path(syncnet)
+    syncnet_path, lse_note = syncnet_weights(syncnet)
     with tempfile.TemporaryDirectory(prefix="talkedit-eval-") as scratch:
         source = Path(speech) if speech is not None else video
         wav = read_audio(decode_speech(source, Path(scratch) / "speech.wav"))
@@ -152,7 +152,8 @@ def evaluate(
     return result
 
 
-def _syncnet_path(given: str | os.PathLike | None) -> tuple[Path | None, str | None]:
+def syncnet_weights(given: str | os.PathLike | None) -> tuple[Path | None, str | None]:
+    """The SyncNet file to use (`given`, or the verified cached `syncnet` entry), or None and why not."""
     if given is not None:
         return Path(given), None
     from .download import check_cached

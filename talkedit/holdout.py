@@ -25,7 +25,7 @@ import numpy as np
 
 from .analysis import Progress, no_progress, preprocess
 from .errors import TalkeditError
-from .evaluate import Evaluation, evaluate
+from .evaluate import Evaluation, evaluate, syncnet_weights
 from .train import TrainOptions
 
 log = logging.getLogger("talkedit")
@@ -116,9 +116,9 @@ def _holdout(clip: Path, options: HoldoutOptions, progress: Progress, work: Path
     # Cut at the frame boundary: the speech samples of frames head ... total.
     split = round(head / fps * SAMPLE_RATE)
     tail_samples = round(tail / fps * SAMPLE_RATE)  # the sound may end before the picture: pad it with silence
-    tail_wav = write_wav(work / "tail.wav", _pad(wav[split:], tail_samples), SAMPLE_RATE)
+    samples = _pad(wav[split:], tail_samples)
+    tail_wav = write_wav(work / "tail.wav", samples, SAMPLE_RATE)
     tail_video = _cut(info, head, total, tail_wav, work / "tail.mp4", progress)
-    samples = read_audio(tail_wav)
 
     model = options.model
     if options.train_steps:
@@ -174,10 +174,11 @@ def _holdout(clip: Path, options: HoldoutOptions, progress: Progress, work: Path
                            options_for, progress=progress).output  # fmt: skip
 
     result = HoldoutResult(clip=clip, head_frames=head, tail_frames=tail, model=model)
+    syncnet, _ = syncnet_weights(options.syncnet)  # found (and its hash checked) once for the six cases
     for name in CASES:
         speech = speeches.get(name, tail_wav)
         result.cases[name] = evaluate(
-            videos[name], speech, tail_video, syncnet=options.syncnet, face=options.face,
+            videos[name], speech, tail_video, syncnet=syncnet, face=options.face,
             chain_starts=None if name.startswith("dub") else [], analysis_dir=options.analysis_dir,
             offline=options.offline, progress=progress, allow_silence=name == "dub, silence",
         )  # fmt: skip

@@ -73,7 +73,7 @@ def speech_bands(wav: np.ndarray, num_frames: int, fps: Fraction | float) -> np.
     return np.stack([band.mean(axis=1) for band in np.array_split(windows, SPEECH_BANDS, axis=1)], axis=1)
 
 
-def _highpass(x: np.ndarray, width: int) -> np.ndarray:
+def highpass(x: np.ndarray, width: int) -> np.ndarray:
     """x minus its moving average over `width` frames (edges padded by repetition). x (T,) or (T, C)."""
     if width <= 1:
         return x - x.mean(axis=0)
@@ -109,7 +109,7 @@ def av_sync(opening: np.ndarray, bands: np.ndarray, fps: Fraction | float) -> Sy
     index = np.arange(len(opening))
     filled = np.interp(index, index[tracked], opening[tracked])
     width = max(1, round(HIGHPASS_SECONDS * float(fps))) | 1
-    mouth, speech = _highpass(filled, width), _highpass(np.asarray(bands, np.float64), width)
+    mouth, speech = highpass(filled, width), highpass(np.asarray(bands, np.float64), width)
     if mouth[tracked].std() < 1e-6 or speech.std(axis=0).max() < 1e-6:
         return None
     curve = np.zeros(2 * MAX_OFFSET + 1)
