@@ -32,6 +32,7 @@ from .face import (
     thumbnail,
     track_face,
 )
+from .files import save_npy
 from .media import VideoInfo, iter_frames, probe_video
 
 log = logging.getLogger("talkedit")
@@ -214,8 +215,8 @@ def _save_analysis(analysis: Analysis) -> None:
         _sweep_stale(directory)
         tmp.mkdir()
         np.savez(tmp / "track.npz", landmarks=analysis.landmarks, track=analysis.track, matrices=analysis.matrices)
-        np.save(tmp / "masks.npy", analysis.masks)
-        np.save(tmp / "crops.npy", analysis.crops)
+        save_npy(tmp / "masks.npy", analysis.masks)
+        save_npy(tmp / "crops.npy", analysis.crops)
         from .media import write_image
 
         write_image(tmp / "preview.png", contact_sheet(analysis))
@@ -227,8 +228,8 @@ def _save_analysis(analysis: Analysis) -> None:
         os.replace(tmp, directory)
     except OSError as exc:
         raise MediaError(
-            f"{directory}: cannot write the analysis cache ({exc.strerror or exc}); use another directory "
-            "(--analysis-dir) or free some space."
+            f"{directory}: cannot write the analysis cache ({exc.strerror or exc}); free some space or "
+            "cache it elsewhere (--analysis-dir, or preprocess -o)."
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # on every exit path, KeyboardInterrupt included

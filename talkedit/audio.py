@@ -7,6 +7,7 @@ frame i at t_i = i / fps takes mel frames k-2 ... k+1 with k = round(t_i * MEL_F
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -26,6 +27,9 @@ WINDOW_BEFORE, WINDOW_AFTER = 2, 1  # mel frames k-2 ... k+1: 2 frames of past c
 WINDOW_FRAMES = WINDOW_BEFORE + 1 + WINDOW_AFTER  # 4
 
 SILENCE_PEAK = 10 ** (-60 / 20)  # a recording whose peak stays below -60 dBFS carries no speech to follow
+# Lossy decoders overshoot full scale by a few dB on loud masters; a float recording far beyond it would be muxed as
+# distorted sound (and past ~1e19 overflows the spectrogram).
+LOUDEST_PEAK = 10 ** (6 / 20)
 
 
 def mel_spectrogram(wav: np.ndarray) -> np.ndarray:
@@ -75,7 +79,8 @@ def frame_windows(mel: np.ndarray, num_frames: int, fps: Fraction | float) -> np
 
 
 def check_speech(wav: np.ndarray, path: object, allow_silence: bool = False) -> None:
-    """Refuse a recording that is empty or (unless allowed) silent, with a message that names it."""
+    """Refuse a recording that is empty, not finite, far beyond full scale or (unless allowed) silent, with a message
+    that names it."""
     if wav.size < WIN_LENGTH:
         raise MediaError(f"{path}: the speech is empty (under {WIN_LENGTH / SAMPLE_RATE * 1000:.0f} ms of audio).")
     if not np.isfinite(wav).all():
@@ -83,5 +88,12 @@ def check_speech(wav: np.ndarray, path: object, allow_silence: bool = False) -> 
             f"{path}: the speech holds NaN or infinite samples; re-encode it (e.g. `ffmpeg -i IN -c:a pcm_s16le "
             "OUT.wav`) and try again."
         )
-    if not allow_silence and float(np.abs(wav).max()) < SILENCE_PEAK:
+    peak = float(np.abs(wav).max())
+    if peak > LOUDEST_PEAK:
+        over = math.ceil(20 * math.log10(peak))  # dB above full scale
+        raise MediaError(
+            f"{path}: the speech peaks {over} dB above full scale, so the dub's sound would be distorted; lower its "
+            f"volume (e.g. `ffmpeg -i IN -af volume=-{over}dB OUT.wav`) and try again."
+        )
+    if not allow_silence and peak < SILENCE_PEAK:
         raise MediaError(f"{path}: the speech is silent (peak below -60 dBFS); give a recording with speech in it.")

@@ -35,11 +35,16 @@ SCHEDULE_BUFFERS = {
 
 def _why_unreadable(path: Path, exc: Exception) -> str:
     """A short reason why torch.load(weights_only=True) refused a file."""
-    if "Weights only load failed" in str(exc):
+    if "Unsupported global" in str(exc):  # a real pickle that names a class or function
         return "it holds pickled Python objects besides tensors, which talkedit refuses to load"
     with path.open("rb") as f:
-        if f.read(4) == b"PK\x03\x04":  # a zip archive, the format torch.save writes
-            return "the checkpoint archive is truncated or damaged (download it again)"
+        head = f.read(4)
+    if not head:
+        return "the file is empty (download it again)"
+    if head == b"PK\x03\x04":  # a zip archive, the format torch.save writes
+        return "the checkpoint archive is truncated or damaged (download it again)"
+    if head == b"\x80\x02\x8a\x0a":  # a pickled magic number opens the format of torch.save before 1.6
+        return "the checkpoint is truncated or damaged (download it again)"
     return "not a PyTorch checkpoint"
 
 

@@ -101,6 +101,12 @@ def _face_choice(value: str | None) -> str | None:
     return value
 
 
+def _positive(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value} is not above 0")
+    return value
+
+
 def _one_of(*choices: str) -> Callable[[str | None], str | None]:
     def check(value: str | None) -> str | None:
         if value is not None and value not in choices:
@@ -224,7 +230,7 @@ def dub(
     ] = None,
     steps: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="Sampling steps per frame (default: the model's; the paper uses ddpm with 100)."),
+        typer.Option(min=1, help="Sampling steps per frame (default: the model's; the paper uses ddpm with 100)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same video.")] = 0,
     device: Annotated[
@@ -417,37 +423,42 @@ def train(
     arch: Annotated[str, typer.Option(help="From scratch: dve (the paper's UNet) or small (for CPUs).")] = "dve",
     steps: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="Optimiser steps (default: 30 passes over the data fine-tuning, 200 from scratch)."),
+        typer.Option(min=1, help="Optimiser steps (default: 30 passes over the data fine-tuning, 200 from scratch)."),
     ] = None,
-    batch: Annotated[int, typer.Option(help="Global batch, split over torchrun's processes.")] = 32,
+    batch: Annotated[int, typer.Option(min=1, help="Global batch, split over torchrun's processes.")] = 32,
     lr: Annotated[
         Optional[float],  # noqa: UP045
-        typer.Option(help="Peak learning rate (default: 3e-5 fine-tuning, 1e-4 from scratch)."),
+        typer.Option(callback=_positive, help="Peak learning rate (default: 3e-5 fine-tuning, 1e-4 from scratch)."),
     ] = None,
     warmup: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="Warm-up steps (default: 5 % of the run, at most 500)."),
+        typer.Option(min=0, help="Warm-up steps (default: 5 % of the run, at most 500)."),
     ] = None,
     ema_decay: Annotated[
         Optional[float],  # noqa: UP045
-        typer.Option(help="EMA decay (default: 1 - 10/steps, within 0.99 .. 0.9999)."),
+        typer.Option(min=0, max=1, help="EMA decay (default: 1 - 10/steps, within 0.99 .. 0.9999)."),
     ] = None,
-    min_snr_gamma: Annotated[float, typer.Option(help="min-SNR-γ loss weighting; 0 = the paper's loss.")] = 5.0,
+    min_snr_gamma: Annotated[float, typer.Option(min=0, help="min-SNR-γ loss weighting; 0 = the paper's loss.")] = 5.0,
     audio_dropout: Annotated[
-        float, typer.Option(help="Fraction of samples trained without audio, so that dub --guidance works.")
+        float,
+        typer.Option(min=0, max=1, help="Fraction of samples trained without audio, so that dub --guidance works."),
     ] = 0.1,
-    previous_aug: Annotated[float, typer.Option(help="Fraction of previous frames warped, blurred and noised.")] = 0.5,
-    jitter: Annotated[float, typer.Option(help="Fraction of samples shifted and re-lit as a whole.")] = 0.3,
+    previous_aug: Annotated[
+        float, typer.Option(min=0, max=1, help="Fraction of previous frames warped, blurred and noised.")
+    ] = 0.5,
+    jitter: Annotated[
+        float, typer.Option(min=0, max=1, help="Fraction of samples shifted and re-lit as a whole.")
+    ] = 0.3,
     dropout: Annotated[
         Optional[float],  # noqa: UP045
-        typer.Option(help="Dropout in the UNet's residual blocks (default: the model's, 0.1)."),
+        typer.Option(min=0, max=1, help="Dropout in the UNet's residual blocks (default: the model's, 0.1)."),
     ] = None,
     ema: Annotated[
         bool, typer.Option("--ema/--no-ema", help="Write the EMA weights (default) or the raw ones.")
     ] = True,
-    eval_every: Annotated[int, typer.Option(help="Validate every N steps (0: never).")] = 500,
+    eval_every: Annotated[int, typer.Option(min=0, help="Validate every N steps (0: never).")] = 500,
     eval_samples: Annotated[int, typer.Option(min=1, help="Validation frames scored each time.")] = 64,
-    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N steps.")] = 500,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Save a checkpoint every N steps.")] = 500,
     time_limit: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(help="Minutes: stop cleanly at a checkpoint before this; continue later with --resume."),

@@ -21,12 +21,14 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
 from .errors import WeightsError
+from .files import atomic_path, write_atomic
 from .manifest import WeightsEntry, cache_dir, file_sha256, first_line
 
 log = logging.getLogger("talkedit")
@@ -96,13 +98,17 @@ def check_cached(entry: WeightsEntry, root: Path | None = None) -> CacheStatus:
     return CacheStatus(entry, path, "valid" if intact else "damaged", actual, expected, unverified)
 
 
-def damaged_message(status: CacheStatus) -> str:
+def damage(status: CacheStatus) -> str:
+    """What is wrong with a cached file that is not valid, with both hashes when it has been changed."""
     if status.state == "unrecorded":
         return f"{status.path}: was not installed by talkedit, so there is no hash to verify it against"
-    return (
-        f"{status.path}: damaged or tampered with (sha256 {status.actual_sha256}, expected {status.expected_sha256}); "
-        f"run `{fix_command(status.entry)}` to fetch it again"
-    )
+    return f"{status.path}: damaged or tampered with (sha256 {status.actual_sha256}, expected {status.expected_sha256})"
+
+
+def damaged_message(status: CacheStatus) -> str:
+    if status.state == "unrecorded":
+        return damage(status)
+    return f"{damage(status)}; run `{fix_command(status.entry)}` to fetch it again"
 
 
 def ensure(
@@ -133,7 +139,12 @@ def ensure(
             f"{entry.name}: not in the cache ({status.path}) and downloads are off (--offline or HF_HUB_OFFLINE); "
             f"run `{fix_command(entry)}` online, or `talkedit download-weights {entry.name} --from FILE`."
         )
-    return fetch(entry, progress=progress, root=root, timeout=timeout)
+    try:
+        return fetch(entry, progress=progress, root=root, timeout=timeout)
+    except WeightsError as exc:
+        if status.state == "missing":
+            raise
+        raise WeightsError(f"{damage(status)}, and fetching it again failed: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,7 +254,6 @@ def install(entry: WeightsEntry, file: Path, *, root: Path | None = None) -> Pat
     a published hash the file's hash is recorded as the one to expect from now on.
     """
     root = root or cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
     size, sha = file.stat().st_size, file_sha256(file)
     if entry.size is not None and size != entry.size:
         raise WeightsError(f"{entry.name}: refused {file}: size {size} bytes, the manifest says {entry.size}.")
@@ -255,18 +265,45 @@ def install(entry: WeightsEntry, file: Path, *, root: Path | None = None) -> Pat
         load_syncnet(file)
     target = root / entry.cache_name
     record = {"source_sha256": sha, "source_size": size, "source_verified": entry.sha256 is not None}
-    if entry.format == "dve-palette":
-        from .checkpoint import import_checkpoint
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if entry.format == "dve-palette":
+            from .checkpoint import import_checkpoint
 
-        import_checkpoint(file, target)
-    else:
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.copyfile(file, tmp)
-        os.replace(tmp, target)
-    if entry.format == "dve-palette" or entry.sha256 is None:
-        record.update(sha256=file_sha256(target), size=target.stat().st_size)
-        record_path(target).write_text(json.dumps(record, indent=1))
+            import_checkpoint(file, target)
+        else:
+            with atomic_path(target) as tmp:
+                shutil.copyfile(file, tmp)
+        if entry.format == "dve-palette" or entry.sha256 is None:
+            record.update(sha256=file_sha256(target), size=target.stat().st_size)
+            write_atomic(record_path(target), json.dumps(record, indent=1).encode())
+    except OSError as exc:
+        raise WeightsError(
+            f"{target}: cannot install {entry.name} ({exc.strerror or exc}); free some space there, or use another "
+            "cache (--cache-dir or TALKEDIT_HOME)."
+        ) from None
     return target
+
+
+def _install_from_zip(entry: WeightsEntry, file: Path, root: Path | None) -> Path:
+    """Install the *_Network.pth inside the zip the official model is published in. Errors name the zip and the
+    member, not the temporary folder it was extracted to."""
+    try:
+        with zipfile.ZipFile(file) as archive, tempfile.TemporaryDirectory() as tmp:
+            members = sorted(m for m in archive.namelist() if m.endswith("_Network.pth"))
+            if not members:
+                raise WeightsError(f"{file}: the zip holds no *_Network.pth checkpoint; give the checkpoint itself.")
+            extracted = Path(archive.extract(members[-1], tmp))
+            try:
+                return install(entry, extracted, root=root)
+            except WeightsError as exc:
+                raise WeightsError(str(exc).replace(str(extracted), f"{file} ({members[-1]})")) from None
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise WeightsError(
+            f"{file}: not a readable zip ({exc}); download it again, or give the checkpoint itself."
+        ) from None
+    except OSError as exc:
+        raise WeightsError(f"{file}: cannot extract the checkpoint ({exc.strerror or exc}); free some space.") from None
 
 
 def install_from(entry: WeightsEntry, file: str | os.PathLike, *, root: Path | None = None) -> tuple[Path, str | None]:
@@ -278,11 +315,7 @@ def install_from(entry: WeightsEntry, file: str | os.PathLike, *, root: Path | N
     if not file.is_file():
         raise WeightsError(f"{file}: no such file; give the file you downloaded for {entry.name}.")
     if entry.format == "dve-palette" and file.suffix.lower() == ".zip":  # torch.save writes zips too
-        with zipfile.ZipFile(file) as archive, tempfile.TemporaryDirectory() as tmp:
-            members = sorted(m for m in archive.namelist() if m.endswith("_Network.pth"))
-            if not members:
-                raise WeightsError(f"{file}: the zip holds no *_Network.pth checkpoint; give the checkpoint itself.")
-            installed = install(entry, Path(archive.extract(members[-1], tmp)), root=root)
+        installed = _install_from_zip(entry, file, root)
     else:
         installed = install(entry, file, root=root)
     warning = None

@@ -88,11 +88,3 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def share_mode(path: Path) -> None:
-    """Give a file we wrote the permissions a new file normally gets (0666 less the umask): safetensors writes 0600,
-    which would hide a shared cache's models from other users."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

@@ -34,6 +34,7 @@ import numpy as np
 
 from .audio import N_MELS, PAD_DB, frame_windows
 from .errors import TalkeditError
+from .files import write_atomic
 
 PACK_FORMAT = "talkedit-pack"
 PACK_VERSION = "1"
@@ -241,16 +242,14 @@ class _CropEncoder:
 
 
 def _save_atomic(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save as serialize
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        write_atomic(path, serialize(tensors, metadata=metadata))
     except OSError as exc:
-        raise PackError(f"{path}: cannot write the pack ({exc.strerror}); check the folder is writable.") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        raise PackError(
+            f"{path}: cannot write the pack ({exc.strerror or exc}); check that its folder is writable and has room."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -409,9 +409,9 @@ def _generate(
             guidance=options.guidance,
         )
         if not torch.isfinite(out).all():  # NaN would quantise to black mouths and exit 0
-            where = "in fp16 (try --fp32)" if options.fp16 or (options.fp16 is None and out.is_cuda) else ""
+            where = " in fp16 (try --fp32)" if options.fp16 or (options.fp16 is None and out.is_cuda) else ""
             raise TalkeditError(
-                f"the model produced NaN or infinite pixels {where}; its weights are damaged or it diverged: "
+                f"the model produced NaN or infinite pixels{where}; its weights are damaged or it diverged: "
                 "re-create or re-train it."
             )
         # Quantise to uint8 as the official code does by saving PNGs.

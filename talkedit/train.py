@@ -17,6 +17,7 @@ sum). The seed and the step are the whole RNG state a checkpoint needs.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from . import __version__
 from .augment import JITTER_PARAMS, PREVIOUS_PARAMS, previous_frame, shared_jitter
 from .diffusion import DiffusionConfig, NoiseSchedule
 from .errors import TalkeditError
+from .files import write_atomic
 from .pack import Pack, Split
 from .unet import UNet, UNetConfig
 
@@ -664,14 +666,14 @@ class Trainer:
             "rng": {"seed": self.options.seed, "step": self.step},  # every stream is a function of these
             "elapsed": self.elapsed + seconds,
         }
-        tmp = self.checkpoint_path.with_name(f".checkpoint.{os.getpid()}.tmp")
+        buffer = io.BytesIO()  # written by Python, so that a full disk is an OSError (torch's writer hides errno)
+        torch.save(state, buffer)
         try:
-            torch.save(state, tmp)
-            os.replace(tmp, self.checkpoint_path)
+            write_atomic(self.checkpoint_path, buffer.getbuffer())
         except OSError as exc:
-            raise TrainError(f"{self.checkpoint_path}: cannot save the checkpoint ({exc.strerror}).") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+            raise TrainError(
+                f"{self.checkpoint_path}: cannot save the checkpoint ({exc.strerror or exc}); free some space."
+            ) from None
 
     def load_checkpoint(self) -> None:
         """Continue from the workdir's checkpoint. Raises TrainError when it belongs to other data or settings."""

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
 from . import __version__
 from .diffusion import DiffusionConfig
 from .errors import WeightsError
-from .manifest import WeightsEntry, cache_dir, file_sha256, first_line, manifest_path, read_manifest, share_mode
+from .files import write_atomic
+from .manifest import WeightsEntry, cache_dir, file_sha256, first_line, manifest_path, read_manifest
 
 __all__ = ["WeightsEntry", "cache_dir", "file_sha256", "first_line", "manifest_path", "read_manifest"]
 from .unet import UNet, UNetConfig
@@ -68,10 +69,6 @@ def resolve_weights_path(
 # The talkedit weights format
 
 
-def _atomic_target(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def save_weights(
     path: str | os.PathLike,
     state_dict: Mapping[str, torch.Tensor],
@@ -88,15 +85,13 @@ def save_weights(
         "diffusion_config": diffusion_config.to_json(),
         "provenance": json.dumps(dict(provenance), sort_keys=True),
     }
-    tmp = _atomic_target(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp, metadata=metadata)
-        share_mode(tmp)
-        os.replace(tmp, path)
+        write_atomic(path, serialize(tensors, metadata=metadata))
     except OSError as exc:
-        raise WeightsError(f"{path}: cannot write ({exc.strerror}); check the directory is writable.") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        raise WeightsError(
+            f"{path}: cannot write ({exc.strerror or exc}); check that its folder is writable and has room."
+        ) from None
 
 
 @dataclass(frozen=True)

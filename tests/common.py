@@ -68,10 +68,11 @@ def media(name: str) -> Path:
     return path
 
 
-def run_talkedit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The installed console script, as a user runs it (HF_HUB_OFFLINE from the caller's shell is dropped)."""
+def run_talkedit(*args: str, env: dict[str, str] | None = None, **popen) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it (HF_HUB_OFFLINE from the caller's shell is dropped); `popen`
+    goes to subprocess.run."""
     exe = Path(sys.executable).with_name("talkedit")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "talkedit"]
     inherited = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     full_env = {**inherited, "COLUMNS": "300", **(env or {})}
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=full_env, timeout=300)
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=full_env, timeout=300, **popen)

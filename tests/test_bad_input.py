@@ -139,7 +139,7 @@ def test_bad_options_are_one_line_errors(talkedit_home, tmp_path):
     result = runner.invoke(app, [*args, "--device", "cuda:7"])
     assert result.exit_code == 1 and "--device cuda:7" in result.output
     result = runner.invoke(app, [*args, "--steps", "0"])
-    assert result.exit_code == 1 and "--steps 0" in result.output and "Finding the face" not in result.output
+    assert result.exit_code == 2 and "--steps" in result.output and "Finding the face" not in result.output
     result = runner.invoke(app, [*args, "-o", str(tmp_path / "o.webm")])
     assert result.exit_code == 1 and ".webm" in result.output and "Finding the face" not in result.output
     result = runner.invoke(app, [*args, "--device", "toaster"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -246,7 +245,7 @@ class FakeAnalysis:
         self.masks = np.ones((n, 128, 128), np.uint8)
 
 
-def run_generate(monkeypatch, src, track, batch: int):
+def run_generate(monkeypatch, tmp_path, src, track, batch: int):
     """_generate with a fake sampler that records, per output frame, what it was conditioned on."""
     import torch
 
@@ -273,17 +272,17 @@ def run_generate(monkeypatch, src, track, batch: int):
     analysis = FakeAnalysis(track)
     windows = np.broadcast_to(np.arange(len(src), dtype=np.float32)[:, None, None], (len(src), 4, 256)).copy()
     chain_list = plan_chains(src, track, np.zeros(len(src)), 25)
-    generated = GeneratedCrops(Path(tempfile.mkdtemp()) / "g.npy", len(src))
+    generated = GeneratedCrops(tmp_path / f"generated-{batch}.npy", len(src))
     _generate(None, analysis, src, windows, chain_list, batch, DubOptions(seed=3), lambda *a: None, generated)
     return seen, chain_list, generated
 
 
-def test_generate_hands_each_chain_its_previous_frame_and_its_tracks_identity(monkeypatch):
+def test_generate_hands_each_chain_its_previous_frame_and_its_tracks_identity(monkeypatch, tmp_path):
     track = np.zeros(700, np.int32)
     track[300:310] = -1  # a gap: a new track after it
     track[310:] = 1
     src = np.arange(700)
-    seen, chain_list, generated = run_generate(monkeypatch, src, track, batch=4)
+    seen, chain_list, generated = run_generate(monkeypatch, tmp_path, src, track, batch=4)
     assert len(chain_list) >= 4  # track 1's 390 frames are split into chains
     assert sorted(seen) == [j for j in range(700) if track[j] >= 0]
     assert all(generated[j] is not None for j in seen) and generated[305] is None
@@ -297,10 +296,10 @@ def test_generate_hands_each_chain_its_previous_frame_and_its_tracks_identity(mo
             assert seen[j]["identity"] == ("generated", track_start)  # one identity per track: its first output
 
 
-def test_generate_gives_the_same_result_at_any_batch_size(monkeypatch):
+def test_generate_gives_the_same_result_at_any_batch_size(monkeypatch, tmp_path):
     track = np.zeros(400, np.int32)
-    seen_1, _, _ = run_generate(monkeypatch, np.arange(400), track, batch=1)
-    seen_8, _, _ = run_generate(monkeypatch, np.arange(400), track, batch=8)
+    seen_1, _, _ = run_generate(monkeypatch, tmp_path, np.arange(400), track, batch=1)
+    seen_8, _, _ = run_generate(monkeypatch, tmp_path, np.arange(400), track, batch=8)
     assert seen_1 == seen_8
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from .common import media, run_talkedit
+from .common import LANDMARKER, media, run_talkedit
 
 VIDEO = "grid_swiz3n_black_male_360x288_25fps.mpg"
 SPEECH = "en_short_voice_recording_22k05_mono_1.8s.m4a"
@@ -334,3 +334,199 @@ def test_crafted_weights_metadata_is_a_one_line_error(talkedit_home, inputs, tmp
     assert done.returncode == 1
     one_error(done, str(crafted))
     assert not (tmp_path / "out.mp4").exists()
+
+
+# 6 and 11. Full and read-only disks: one line naming the file and the OS's reason, nothing left behind.
+
+
+def file_size_limit(limit: int):
+    """For subprocess.run: writes past `limit` bytes fail with EFBIG, as writes to a full disk fail with ENOSPC,
+    through the same calls (Python ignores SIGXFSZ, so the write raises instead of killing the process)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.fixture()
+def read_only_dir(tmp_path):
+    """An empty folder no one may write to: a read-only tmpfs for root (which ignores permissions), else mode 0555."""
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"root without the right to mount a read-only tmpfs ({mount.stderr.decode().strip()})")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_import_weights_to_a_full_disk(official_dir, tmp_path):
+    out = tmp_path / "out.safetensors"
+    done = run_talkedit("import-weights", str(official_dir / "735_Network.pth"), "-o", str(out),
+                        preexec_fn=file_size_limit(1 << 20))  # fmt: skip
+    assert done.returncode == 1
+    one_error(done, str(out))
+    assert os.strerror(27) in done.stderr  # EFBIG, "File too large"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_import_weights_to_a_read_only_folder(official_dir, read_only_dir):
+    out = read_only_dir / "out.safetensors"
+    done = run_talkedit("import-weights", str(official_dir / "735_Network.pth"), "-o", str(out))
+    assert done.returncode == 1
+    one_error(done, str(out))
+    assert list(read_only_dir.iterdir()) == []
+
+
+def test_a_full_disk_under_the_analysis_names_the_reason(talkedit_home, inputs, tmp_path):
+    """numpy's own writer reported "1228800 requested and 1023872 written" (and once "(None)"). The limit lets
+    track.npz through and stops masks.npy."""
+    video = inputs[0]
+    cache = tmp_path / "analysis"
+    done = run_talkedit("preprocess", str(video), "-o", str(cache), "-q", preexec_fn=file_size_limit(1_000_000))
+    assert done.returncode == 1
+    one_error(done, str(cache))
+    assert os.strerror(27) in done.stderr and "None" not in done.stderr and "requested" not in done.stderr
+    assert [p for p in cache.rglob("*") if p.is_file()] == [] and not list(cache.rglob("*.tmp"))
+
+
+# 9. Speech far beyond full scale is refused before the analysis (it overflowed the spectrogram, and the error then
+# blamed the model).
+
+
+@pytest.mark.parametrize("amplitude", [4.0, 1e20])
+def test_speech_far_beyond_full_scale_is_refused_first(talkedit_home, inputs, tmp_path, amplitude):
+    import numpy as np
+
+    video = inputs[0]
+    speech = float_wav(tmp_path / "loud.wav", amplitude * np.sin(np.arange(32000) * 0.05))
+    done = dub(talkedit_home, str(video), str(speech), "-o", str(tmp_path / "out.mp4"))
+    assert done.returncode == 1
+    one_error(done, str(speech))
+    assert "above full scale" in done.stderr and "Finding the face" not in done.stderr
+    assert not (tmp_path / "out.mp4").exists()
+
+
+# 11. A hand-fetched zip is named as the user gave it, never by the temporary folder it was unpacked to.
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("case", ["random-member", "escaping-member", "not-a-zip", "truncated-zip"])
+def test_a_bad_zip_from_the_user_is_named(talkedit_home, tmp_path, case):
+    import random
+
+    noise = random.Random(0).randbytes(4096)
+    evil = tmp_path / "evil.zip"
+    if case == "random-member":
+        _zip(evil, {"ckpt/735_Network.pth": noise})
+    elif case == "escaping-member":
+        _zip(evil, {"../../735_Network.pth": noise})
+    elif case == "not-a-zip":
+        evil.write_bytes(noise)
+    else:
+        whole = _zip(tmp_path / "whole.zip", {"735_Network.pth": noise * 64}).read_bytes()
+        evil.write_bytes(whole[: len(whole) // 2])
+    cache = tmp_path / "cache"
+    done = run_talkedit("download-weights", "dve-multispeaker", "--from", str(evil), "--cache-dir", str(cache))
+    assert done.returncode == 1
+    one_error(done, str(evil))
+    assert "/tmp" not in done.stderr.replace(str(tmp_path), "") and "pickled" not in done.stderr
+    assert not [p for p in cache.rglob("*") if p.is_file()] and not (tmp_path / "735_Network.pth").exists()
+
+
+def test_a_tampered_cached_file_with_the_network_down_names_both_hashes(tmp_path):
+    """Before: only the download failure was reported, not that the cached copy is damaged."""
+    from .test_download import FakeServer
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    landmarker, good = cache / "face-landmarker.task", LANDMARKER
+    data = bytearray(good.read_bytes())
+    data[1000] ^= 0xFF
+    landmarker.write_bytes(bytes(data))
+    server = FakeServer()  # started and stopped: its port now refuses connections
+    server.start()
+    url = server.url
+    server.stop()
+    manifest = tmp_path / "weights.toml"
+    entry = {"url": f"{url}/face_landmarker.task", "sha256": digest(good), "size": good.stat().st_size}
+    manifest.write_text("[weights.face-landmarker]\n" + "".join(f"{k} = {v!r}\n" for k, v in entry.items()))
+    done = run_talkedit("download-weights", "face-landmarker", "--manifest", str(manifest), "--cache-dir",
+                        str(cache))  # fmt: skip
+    assert done.returncode == 1
+    one_error(done, str(landmarker))
+    assert hashlib.sha256(data).hexdigest() in done.stderr and digest(good) in done.stderr
+    assert "fetching it again failed" in done.stderr
+    assert landmarker.read_bytes() == bytes(data)  # the damaged copy is left for the user to inspect
+
+
+# 2. A decoder that dies part-way is an error, not the end of the video; nothing is cached.
+
+
+def _ffmpeg_that_dies(tmp_path: Path, how: str) -> Path:
+    """A stand-in for ffmpeg that passes everything through, except that the frame decoder stops after 3 MB: killed
+    (exit by SIGKILL) or quietly (exit 0, as when the pipe's end is lost)."""
+    import sys
+
+    from talkedit.media import ffmpeg_exe
+
+    script = tmp_path / "ffmpeg"
+    script.write_text(f"""#!{sys.executable}
+import os, signal, subprocess, sys
+args = sys.argv[1:]
+decoding = "rawvideo" in args and "pipe:" in args and args[args.index("-i") + 1] != "pipe:"
+if not decoding:
+    os.execv({str(ffmpeg_exe())!r}, [{str(ffmpeg_exe())!r}, *args])
+proc = subprocess.Popen([{str(ffmpeg_exe())!r}, *args], stdout=subprocess.PIPE)
+sys.stdout.buffer.write(proc.stdout.read(3_000_000))
+sys.stdout.flush()
+proc.kill()
+if {how!r} == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize("how", ["killed", "quietly"])
+def test_a_decoder_that_dies_is_not_the_end_of_the_video(talkedit_home, inputs, tmp_path, how):
+    video = inputs[0]
+    cache = tmp_path / "analysis"
+    done = run_talkedit("preprocess", str(video), "-o", str(cache), "-q",
+                        env={"TALKEDIT_FFMPEG": str(_ffmpeg_that_dies(tmp_path, how))})  # fmt: skip
+    assert done.returncode == 1
+    one_error(done, str(video))
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    again = run_talkedit("preprocess", str(video), "-o", str(cache), "--json")
+    assert again.returncode == 0, again.stderr
+
+
+# 5. An interruption while the analysis is saved leaves no temporary folder.
+
+
+def test_an_interruption_while_the_analysis_is_saved_leaves_nothing(talkedit_home, inputs, tmp_path, monkeypatch):
+    from talkedit import analysis, media
+    from talkedit.cli import Terminated
+
+    def interrupted(*args, **kwargs):
+        raise Terminated(15)
+
+    monkeypatch.setattr(media, "write_image", interrupted)  # the contact sheet, written inside the temporary folder
+    cache = tmp_path / "analysis"
+    with pytest.raises(Terminated):
+        analysis.preprocess(inputs[0], output_dir=cache, offline=True)
+    assert cache.is_dir() and list(cache.rglob("*")) == []

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import random
 from pathlib import Path
 
 import pytest
@@ -104,13 +105,13 @@ def test_save_and_read_round_trip(tmp_path):
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
-    import talkedit.weights as weights
+    real_write = Path.write_bytes
 
-    def broken_save(tensors, filename, metadata):
-        Path(filename).write_bytes(b"partial")
+    def disk_fills_up(path, data):
+        real_write(path, data[:100])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(weights, "save_file", broken_save)
+    monkeypatch.setattr(Path, "write_bytes", disk_fills_up)
     with pytest.raises(WeightsError, match="No space left"):
         save_weights(tmp_path / "w.safetensors", {"a": torch.zeros(1)}, TINY, DiffusionConfig(), {})
     assert list(tmp_path.iterdir()) == []
@@ -207,6 +208,12 @@ BAD_CHECKPOINTS = {
     "wrong-shape": (write_wrong_shape, "denoise_fn.out.2.weight has shape [3, 64, 5, 5]"),
     "other-schedule": (write_other_schedule, "noise schedule"),
     "code-pickle": (write_code_pickle, "pickled Python objects"),
+    # Random bytes were described as "pickled Python objects" (issue 10, item 11).
+    "random-bytes": (
+        lambda p, o: p.write_bytes(b"\xc0" + random.Random(0).randbytes(4095)),
+        "not a PyTorch checkpoint",
+    ),
+    "empty": (lambda p, o: p.write_bytes(b""), "the file is empty"),
 }
 
 
