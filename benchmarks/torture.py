@@ -182,8 +182,11 @@ def cases() -> list[Case]:
         "a FIFO": fifo("bad.mp4"), "audio only": ffmpeg("bad.mp4", "-i", str(SPEECH), "-c:a", "aac"),
         "no face": ffmpeg("bad.mp4", "-f", "lavfi", "-i", "testsrc=duration=2:size=320x240:rate=25"),
         "one frame": ffmpeg("bad.mp4", "-i", str(VIDEO), "-frames:v", "1"),
+        "mp4 truncated to 60%": truncated(SHARED / "media/video" / ODD_VIDEOS[0], "bad.mp4", 0.6),
     }  # fmt: skip
-    exits = {"truncated to 60%": 0}  # what is left decodes: a shorter video, dubbed
+    # An MPEG stream cut short is a shorter video (the container records no length), and one frame is a still
+    # picture: both are dubbed.
+    exits = {"truncated to 10%": 0, "truncated to 60%": 0, "one frame": 0, "mp4 truncated to 60%": 1}
     for label, setup in bad_videos.items():
         out.append(dub(f"video: {label}", exits.get(label, 1), setup=setup, video="bad.mp4"))
     # Missing, empty, truncated and foreign speech.
@@ -211,18 +214,19 @@ def cases() -> list[Case]:
         dub("output: a FIFO", 1, setup=fifo("pipe.mp4"), output="pipe.mp4"),
         dub("output: a 244-character name", 0, output=long_name),
         dub("output: a 300-character name", 1, output="o" * 296 + ".mp4"),
-        dub("output: markup in the name", 0, output="out[/x].mp4"),
+        dub("output: markup in the name", 0, output="out[red].mp4"),
         dub("output: a yt-dlp name", 0, output="Talk [dQw4w9WgXcQ].mp4"),
         dub("output: an emoji code", 0, output="x:smile:y.mp4"),
         dub("output: a colon", 0, output="c:d.mp4"),
         dub("output: unicode and spaces", 0, output="dubbé → 吹替 out.mp4"),
         dub("output: a leading dash", 0, output="-dash.mp4"),
-        dub("output: a full disk", 1, file_limit=150_000),
+        dub("output: a full temporary folder", 1, file_limit=150_000),
+        dub("output: a full disk while writing", 1, setup=analysed_then(lambda d: None), file_limit=400_000),
         dub("preview: the input", 1, "--preview {video}"),
         dub("preview: the output", 1, "--preview {out}"),
         dub("preview: .jpg", 1, "--preview p.jpg"),
         dub("preview: in a missing folder", 1, "--preview nowhere/p.png"),
-        dub("input: markup in the name", 0, setup=copy_media(VIDEO.name, "in[/x].mpg"), video="in[/x].mpg"),
+        dub("input: markup in the name", 0, setup=copy_media(VIDEO.name, "in[red].mpg"), video="in[red].mpg"),
         dub("input: a colon in the name", 0, setup=copy_media(VIDEO.name, "a:b.mpg"), video="a:b.mpg"),
         dub("input: a missing name with markup", 1, video="nowhere[/x].mp4"),
     ]

@@ -49,8 +49,9 @@ def _terminate(signum: int, frame) -> None:
 
 
 def reports_errors(command: F) -> F:
-    """Turn a TalkeditError into one red line on stderr and its exit code, with no traceback; an interruption
-    (Ctrl-C, SIGTERM, SIGHUP) into exit 128 + the signal's number, after the cleanup on the way out."""
+    """Turn a TalkeditError (or an OSError no check foresaw) into one red line on stderr and its exit code, with no
+    traceback; an interruption (Ctrl-C, SIGTERM, SIGHUP) into exit 128 + the signal's number, after the cleanup on the
+    way out."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -59,6 +60,13 @@ def reports_errors(command: F) -> F:
         except TalkeditError as exc:
             stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # the file system refused a path no check foresaw (a name too long for it, ...)
+            where = f"{exc.filename}: " if exc.filename else ""
+            reason = exc.strerror or str(exc)
+            stderr.print(
+                f"[bold red]error:[/] {escape(where + reason)}; check the path.", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             import signal
 

@@ -99,11 +99,11 @@ def evaluate(
     the dub's chain starts when known (default: planned again as `dub` plans them, from the speech).
     """
     from .audio import SILENCE_PEAK, check_speech
-    from .media import decode_speech, probe_video, read_audio
+    from .media import decode_speech, probe_video, read_audio, stat_or_none
 
     video = Path(video)
     for path, what in ((video, "video"), (speech, "speech"), (reference, "reference video")):
-        if path is not None and not Path(path).exists():
+        if path is not None and stat_or_none(path) is None:
             raise MediaError(f"{path}: no such file; check the {what} path.")
     info = probe_video(video)
     ref_info = probe_video(reference) if reference is not None else None

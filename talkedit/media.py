@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -83,19 +84,30 @@ def _check_version(exe: str) -> None:
 def _run(args: list[str], path: Path | str, what: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([ffmpeg_exe(), "-nostdin", "-hide_banner", *args], capture_output=True)
     if proc.returncode != 0:
-        raise MediaError(f"{path}: {what} failed ({_ffmpeg_message(proc.stderr)}).")
+        raise MediaError(f"{path}: {what} failed ({_ffmpeg_message(proc.stderr, returncode=proc.returncode)}).")
     return proc
 
 
-def _ffmpeg_message(stderr: bytes, tail: bytes | None = None) -> str:
-    """ffmpeg's first error line (the cause), and its last when that says something else (the consequence).
-    `tail`: the end of a longer stderr whose start is `stderr`."""
+_SIGNAL_CAUSES = {
+    "SIGKILL": "killed, e.g. for lack of memory",
+    "SIGXFSZ": "a file it wrote outgrew the size limit (ulimit -f)",
+}
 
-    def lines(data: bytes) -> list[str]:
-        return [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
+
+def _ffmpeg_message(stderr: bytes, tail: bytes | None = None, returncode: int | None = None) -> str:
+    """ffmpeg's first error line (the cause), and its last when that says something else (the consequence); when it
+    said nothing, the signal that stopped it (`returncode` < 0). `tail`: the end of a longer stderr that starts with
+    `stderr`."""
+
+    def lines(data: bytes) -> list[str]:  # without the "[mov,mp4 @ 0x55d0c0a7e080] " of the part that spoke
+        text = data.decode(errors="replace")
+        return [re.sub(r"^\[[^\]]* @ 0x[0-9a-f]+\] *", "", line.strip()) for line in text.splitlines() if line.strip()]
 
     head, end = lines(stderr), lines(tail if tail is not None else stderr)
     if not head:
+        if returncode is not None and returncode < 0:
+            name = signal.Signals(-returncode).name
+            return f"ffmpeg was stopped by {name}" + (f": {_SIGNAL_CAUSES[name]}" if name in _SIGNAL_CAUSES else "")
         return "no message from ffmpeg"
     first = next(
         (line for line in head if not line.startswith(("Input #", "Output #", "Stream ", "Duration"))), head[0]
@@ -216,11 +228,25 @@ def _stream_lines(stderr: str) -> tuple[str | None, str | None, str]:
     return video, audio, stderr
 
 
+def stat_or_none(path: str | os.PathLike) -> os.stat_result | None:
+    """os.stat, or None when nothing is there. A path the file system cannot look up (a name too long for it, a
+    symlink loop, a folder that may not be entered) is a MediaError that names it; pathlib's exists() raises then."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise MediaError(f"{path}: cannot use this path ({exc.strerror}); choose another.") from None
+
+
 def _header(path: Path) -> str:
-    if not path.exists():
+    found = stat_or_none(path)
+    if found is None:
         raise MediaError(f"{path}: no such file.")
     if not path.is_file():
         raise MediaError(f"{path}: not a file.")
+    if found.st_size == 0:
+        raise MediaError(f"{path}: the file is empty.")
     proc = subprocess.run([ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", ffmpeg_path(path)], capture_output=True)
     text = proc.stderr.decode(errors="replace")
     if "Input #0" not in text:
@@ -427,8 +453,8 @@ class _StderrTail(threading.Thread):
                 self.head += chunk[: 4096 - len(self.head)]
             self.data = (self.data + chunk)[-8192:]
 
-    def message(self) -> str:
-        return _ffmpeg_message(self.head, self.data)
+    def message(self, returncode: int | None = None) -> str:
+        return _ffmpeg_message(self.head, self.data, returncode)
 
     def finish(self) -> None:
         self.join(timeout=5)
@@ -525,8 +551,8 @@ def _decode(info: VideoInfo, pix_fmt: str, frame_bytes: int, start: int) -> Iter
     # Only reached when the stream ended by itself (a consumer that stops early closes the generator above).
     if proc.returncode != 0:
         raise MediaError(
-            f"{info.path}: decoding stopped after {index} frames ({tail.message()}); the file may be damaged: "
-            "re-encode it (e.g. `ffmpeg -i IN -c:v libx264 -crf 16 OUT.mp4`) and try again."
+            f"{info.path}: decoding stopped after {index} frames ({tail.message(proc.returncode)}); the file may be "
+            "damaged: re-encode it (e.g. `ffmpeg -i IN -c:v libx264 -crf 16 OUT.mp4`) and try again."
         )
 
 
@@ -556,6 +582,7 @@ CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", "
 def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
     """Refuse an output that is one of the inputs, cannot be written or cannot hold H.264 + AAC, before any work."""
     output = Path(output)
+    stat_or_none(output)
     if any(output.resolve() == Path(item).resolve() for item in inputs):
         raise MediaError(f"{output}: the output would overwrite an input; choose another output path.")
     if output.is_dir():
@@ -648,7 +675,7 @@ class VideoWriter:
             self.proc.stdin.write(data.tobytes())
         except BrokenPipeError:
             self.abort()
-            raise MediaError(f"{self.output}: encoding failed ({self.tail.message()}).") from None
+            raise MediaError(f"{self.output}: encoding failed ({self.tail.message(self.proc.returncode)}).") from None
         self.frames += 1
 
     def close(self) -> Path:
@@ -658,7 +685,7 @@ class VideoWriter:
         self.tail.finish()
         if self.proc.returncode != 0:
             self.tmp.unlink(missing_ok=True)
-            raise MediaError(f"{self.output}: encoding failed ({self.tail.message()}).")
+            raise MediaError(f"{self.output}: encoding failed ({self.tail.message(self.proc.returncode)}).")
         os.replace(self.tmp, self.output)
         return self.output
 
@@ -703,6 +730,7 @@ def check_image_path(path: str | os.PathLike, *others: str | os.PathLike) -> Pat
     """Refuse an image output (a preview, a report) that is not a .png, is one of `others` (inputs, the video
     output), is not a regular file, or lies in a folder that does not exist or cannot be written, before any work."""
     path = Path(path)
+    stat_or_none(path)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise MediaError(f"{path}: talkedit writes this image as PNG; name it .png.")
     if any(path.resolve() == Path(item).resolve() for item in others):
@@ -732,4 +760,4 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
         os.replace(tmp, path)
         return
     tmp.unlink(missing_ok=True)
-    raise MediaError(f"{path}: cannot write the image ({_ffmpeg_message(proc.stderr)}).")
+    raise MediaError(f"{path}: cannot write the image ({_ffmpeg_message(proc.stderr, returncode=proc.returncode)}).")

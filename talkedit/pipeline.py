@@ -33,6 +33,7 @@ from .media import (
     iter_yuv_frames,
     probe_video,
     read_audio,
+    stat_or_none,
 )
 
 if TYPE_CHECKING:
@@ -202,7 +203,7 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
 
     # 1. Cheap checks first.
     for path, what in ((video, "video"), (speech, "speech")):
-        if not path.exists():
+        if stat_or_none(path) is None:
             raise MediaError(f"{path}: no such file; check the {what} path.")
     output = check_output_path(output, video, speech)
     if options.preview:

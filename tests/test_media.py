@@ -186,6 +186,10 @@ def test_not_media_and_missing_streams_are_clear_errors(tmp_path):
     text.write_text("hello")
     with pytest.raises(MediaError, match="not a media file"):
         probe_video(text)
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(MediaError, match="the file is empty"):
+        probe_video(empty)
     with pytest.raises(MediaError, match="has no video stream"):
         probe_video(media("zh_aishell_BAC009S0724W0121_16k_mono.wav"))
     with pytest.raises(MediaError, match="no such file"):

@@ -117,6 +117,14 @@ def test_a_long_legal_output_name_works(talkedit_home, inputs, tmp_path):
     assert output.is_file() and leftovers(tmp_path) == []
 
 
+def test_a_seed_beyond_64_bits_is_used(talkedit_home, inputs, tmp_path):
+    video, speech, _ = inputs
+    output = tmp_path / "out.mp4"
+    done = dub(talkedit_home, str(video), str(speech), "-o", str(output), "--seed", "1" + "0" * 30, "--steps", "2")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert output.is_file() and leftovers(tmp_path) == []
+
+
 def test_sampler_output_that_is_not_finite_stops_the_dub(talkedit_home, inputs, tmp_path, monkeypatch):
     """A model that diverges mid-run (finite weights, NaN out) fails instead of writing black mouths."""
     from talkedit import pipeline
@@ -530,3 +538,31 @@ def test_an_interruption_while_the_analysis_is_saved_leaves_nothing(talkedit_hom
     with pytest.raises(Terminated):
         analysis.preprocess(inputs[0], output_dir=cache, offline=True)
     assert cache.is_dir() and list(cache.rglob("*")) == []
+
+
+# 6. A name longer than the file system allows: pathlib's exists() raises ENAMETOOLONG on it (Python 3.11).
+
+
+@pytest.mark.parametrize("where", ["output", "video", "preview", "import-weights", "download-weights --from"])
+def test_a_name_too_long_for_the_file_system_is_one_line(talkedit_home, inputs, tmp_path, where):
+    video, speech, before = inputs
+    long = tmp_path / ("o" * 296)
+    output = tmp_path / "out.mp4"
+    commands = {
+        "output": ["-o", f"{long}.mp4"],
+        "video": [],
+        "preview": ["-o", str(output), "--preview", f"{long}.png"],
+    }
+    if where in commands:
+        first = f"{long}.mp4" if where == "video" else str(video)
+        done = dub(talkedit_home, first, str(speech), *(commands[where] or ["-o", str(output)]))
+    elif where == "import-weights":
+        done = run_talkedit("import-weights", f"{long}.pth", "-o", str(tmp_path / "w.safetensors"))
+    else:
+        done = run_talkedit("download-weights", "dve-multispeaker", "--from", f"{long}.zip", "--cache-dir",
+                            str(tmp_path / "cache"))  # fmt: skip
+    assert done.returncode == 1
+    one_error(done, "o" * 296)
+    assert "File name too long" in done.stderr
+    assert leftovers(tmp_path) == [] and not output.exists()
+    assert {p: digest(p) for p in before} == before
