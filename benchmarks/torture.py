@@ -63,7 +63,7 @@ class Case:
     file_limit: int | None = None  # RLIMIT_FSIZE in bytes: writes past it fail as on a full disk
 
 
-SIGNAL_DELAY = 4.0
+SIGNAL_DELAY = 2.5  # seconds: past the imports, inside the analysis
 DUB = "dub {video} {speech} -o {out} --model {model} --offline --steps 2 -q --analysis-dir analysis"
 
 
@@ -383,7 +383,9 @@ def digests(folder: Path) -> dict[str, str]:
 def leftovers(folder: Path, home: Path) -> list[str]:
     """Partial and temporary files in the case's folder and the cache, and anything left in the case's TMPDIR."""
     named = [p for f in (folder, home) for p in f.rglob("*") if ".partial" in p.name or p.name.endswith(".tmp")]
-    return sorted(str(p) for p in named + list((folder / "tmp").iterdir()))
+    # torch keeps its compiled-kernel cache in TMPDIR on purpose (torchinductor_USER); it is not talkedit's.
+    temporary = [p for p in (folder / "tmp").iterdir() if not p.name.startswith("torchinductor_")]
+    return sorted(str(p) for p in named + temporary)
 
 
 def run(case: Case, folder: Path, home: Path) -> dict:

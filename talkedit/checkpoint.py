@@ -35,7 +35,7 @@ SCHEDULE_BUFFERS = {
 
 def _why_unreadable(path: Path, exc: Exception) -> str:
     """A short reason why torch.load(weights_only=True) refused a file."""
-    if "Unsupported global" in str(exc):  # a real pickle that names a class or function
+    if "GLOBAL" in str(exc):  # a real pickle that names a class or function ("Unsupported global: GLOBAL ...")
         return "it holds pickled Python objects besides tensors, which talkedit refuses to load"
     with path.open("rb") as f:
         head = f.read(4)
@@ -45,6 +45,8 @@ def _why_unreadable(path: Path, exc: Exception) -> str:
         return "the checkpoint archive is truncated or damaged (download it again)"
     if head == b"\x80\x02\x8a\x0a":  # a pickled magic number opens the format of torch.save before 1.6
         return "the checkpoint is truncated or damaged (download it again)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # a pickle's protocol opcode, without torch's magic number
+        return "a plain Python pickle, not a PyTorch checkpoint (talkedit does not unpickle it)"
     return "not a PyTorch checkpoint"
 
 

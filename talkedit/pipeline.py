@@ -313,13 +313,28 @@ class GeneratedCrops:
 
     def __setitem__(self, j: int, crop: np.ndarray) -> None:
         if self.crops is None:
-            shape = (self.num_output, CROP_SIZE, CROP_SIZE, 3)
-            self.crops = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8, shape=shape)
+            self.crops = self._create()
         self.crops[j] = crop
         self.done[j] = True
 
     def __getitem__(self, j: int) -> np.ndarray | None:
         return np.asarray(self.crops[j]) if self.done[j] else None
+
+    def _create(self) -> np.ndarray:
+        """The memory-mapped file, its blocks reserved at once: on a full disk a write to the map would otherwise kill
+        the process (SIGBUS) half-way through the dub."""
+        shape = (self.num_output, CROP_SIZE, CROP_SIZE, 3)
+        try:
+            crops = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8, shape=shape)
+            if hasattr(os, "posix_fallocate"):
+                with open(self.path, "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            raise MediaError(
+                f"{self.path.parent}: no room for the generated crops ({exc.strerror or exc}, "
+                f"{np.prod(shape) / 1e6:.0f} MB); free some space there or point TMPDIR at a larger disk."
+            ) from None
+        return crops
 
     def __len__(self) -> int:
         return self.num_output

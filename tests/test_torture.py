@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -355,23 +356,33 @@ def file_size_limit(limit: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
+@contextmanager
+def tmpfs(folder: Path, options: str):
+    """A tmpfs mounted on `folder` for the block (root with the right to mount), else pytest.skip."""
+    import subprocess
+
+    folder.mkdir(exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.decode().strip()})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
 @pytest.fixture()
 def read_only_dir(tmp_path):
     """An empty folder no one may write to: a read-only tmpfs for root (which ignores permissions), else mode 0555."""
-    import subprocess
-
     folder = tmp_path / "read-only"
-    folder.mkdir()
     if os.geteuid() != 0:
+        folder.mkdir()
         folder.chmod(0o555)
         yield folder
         folder.chmod(0o755)
         return
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True)
-    if mount.returncode != 0:
-        pytest.skip(f"root without the right to mount a read-only tmpfs ({mount.stderr.decode().strip()})")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    with tmpfs(folder, "ro,size=64k"):
+        yield folder
 
 
 def test_import_weights_to_a_full_disk(official_dir, tmp_path):
@@ -565,4 +576,28 @@ def test_a_name_too_long_for_the_file_system_is_one_line(talkedit_home, inputs, 
     one_error(done, "o" * 296)
     assert "File name too long" in done.stderr
     assert leftovers(tmp_path) == [] and not output.exists()
+    assert {p: digest(p) for p in before} == before
+
+
+# Found by the sweep: scratch space. The generated crops are memory-mapped in TMPDIR; on a full disk a write to the
+# map killed the dub with SIGBUS (exit 135), leaving its scratch folder behind.
+
+
+@pytest.mark.parametrize("disk", ["full tmpfs", "file size limit"])
+def test_no_room_for_the_generated_crops_is_one_line(talkedit_home, inputs, tmp_path, disk):
+    video, speech, before = inputs
+    analysis, output = tmp_path / "analysis", tmp_path / "out.mp4"
+    assert run_talkedit("preprocess", str(video), "-o", str(analysis), "-q").returncode == 0
+    args = ("dub", str(video), str(speech), "-o", str(output), "--model", str(talkedit_home[1]), "--offline",
+            "--analysis-dir", str(analysis), "--steps", "2")  # fmt: skip
+    if disk == "full tmpfs":  # room for the decoded speech (160 kB), not for the crops (2.2 MB)
+        with tmpfs(tmp_path / "small", "size=1200k") as small:
+            done = run_talkedit(*args, env={"TMPDIR": str(small)})
+            left = list(small.iterdir())
+    else:
+        done = run_talkedit(*args, preexec_fn=file_size_limit(400_000))
+        left = []
+    assert done.returncode == 1
+    one_error(done, "no room for the generated crops")
+    assert left == [] and leftovers(tmp_path) == [] and not output.exists()
     assert {p: digest(p) for p in before} == before
