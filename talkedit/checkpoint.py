@@ -45,7 +45,7 @@ def _why_unreadable(path: Path, exc: Exception) -> str:
         return "the checkpoint archive is truncated or damaged (download it again)"
     if head == b"\x80\x02\x8a\x0a":  # a pickled magic number opens the format of torch.save before 1.6
         return "the checkpoint is truncated or damaged (download it again)"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # a pickle's protocol opcode, without torch's magic number
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # a pickle, no torch magic
         return "a plain Python pickle, not a PyTorch checkpoint (talkedit does not unpickle it)"
     return "not a PyTorch checkpoint"
 
