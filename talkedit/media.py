@@ -582,7 +582,7 @@ CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", "
 def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
     """Refuse an output that is one of the inputs, cannot be written or cannot hold H.264 + AAC, before any work."""
     output = Path(output)
-    stat_or_none(output)
+    stat_or_none(output)  # a name the file system cannot hold is refused here
     if any(output.resolve() == Path(item).resolve() for item in inputs):
         raise MediaError(f"{output}: the output would overwrite an input; choose another output path.")
     if output.is_dir():
@@ -730,7 +730,7 @@ def check_image_path(path: str | os.PathLike, *others: str | os.PathLike) -> Pat
     """Refuse an image output (a preview, a report) that is not a .png, is one of `others` (inputs, the video
     output), is not a regular file, or lies in a folder that does not exist or cannot be written, before any work."""
     path = Path(path)
-    stat_or_none(path)
+    stat_or_none(path)  # a name the file system cannot hold is refused here
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise MediaError(f"{path}: talkedit writes this image as PNG; name it .png.")
     if any(path.resolve() == Path(item).resolve() for item in others):

@@ -601,3 +601,16 @@ def test_no_room_for_the_generated_crops_is_one_line(talkedit_home, inputs, tmp_
     one_error(done, "no room for the generated crops")
     assert left == [] and leftovers(tmp_path) == [] and not output.exists()
     assert {p: digest(p) for p in before} == before
+
+
+def test_a_full_disk_under_the_output_is_one_line(talkedit_home, inputs, tmp_path):
+    video, speech, before = inputs
+    with tmpfs(tmp_path / "small", "size=300k") as small:  # room for a few frames of video, not for all
+        output = small / "out.mp4"
+        done = dub(talkedit_home, str(video), str(speech), "-o", str(output), "--steps", "2")
+        left = list(small.iterdir())
+    assert done.returncode == 1
+    one_error(done, str(output))
+    assert "No space left on device" in done.stderr
+    assert left == [] and leftovers(tmp_path) == []
+    assert {p: digest(p) for p in before} == before
