@@ -307,3 +307,14 @@ def test_sdr_colour_tags_are_read():
     assert info.colour == Colour("tv", "bt709", "bt709", "bt709") and info.matrix == "bt709"
     untagged = probe_video(media("grid_swiz3n_black_male_360x288_25fps.mpg"))
     assert untagged.colour.matrix is None and untagged.matrix == "bt601"  # SD: as players take it
+
+
+def test_ffmpeg_stopped_by_a_signal_says_which():
+    """Found by the torture sweep: a decoder killed by the file-size limit was reported as "no message"."""
+    import signal
+
+    from talkedit.media import _ffmpeg_message
+
+    assert "SIGXFSZ" in _ffmpeg_message(b"", returncode=-signal.SIGXFSZ)
+    assert "SIGKILL" in _ffmpeg_message(b"", returncode=-signal.SIGKILL)
+    assert _ffmpeg_message(b"[mov,mp4 @ 0x55d0c0a7e080] moov atom not found\n") == "moov atom not found"
