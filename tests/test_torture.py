@@ -467,9 +467,10 @@ def test_a_bad_zip_from_the_user_is_named(talkedit_home, tmp_path, case):
     assert not [p for p in cache.rglob("*") if p.is_file()] and not (tmp_path / "735_Network.pth").exists()
 
 
-def test_a_tampered_cached_file_with_the_network_down_names_both_hashes(tmp_path):
+@pytest.mark.parametrize("source", ["hub", "url"])
+def test_a_tampered_cached_file_with_the_network_down_names_both_hashes(tmp_path, source):
     """Before: only the download failure was reported, not that the cached copy is damaged."""
-    from .test_download import FakeServer
+    from .test_download import REVISION, FakeServer
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -482,10 +483,14 @@ def test_a_tampered_cached_file_with_the_network_down_names_both_hashes(tmp_path
     url = server.url
     server.stop()
     manifest = tmp_path / "weights.toml"
-    entry = {"url": f"{url}/face_landmarker.task", "sha256": digest(good), "size": good.stat().st_size}
+    entry = {"sha256": digest(good), "size": good.stat().st_size}
+    if source == "hub":
+        entry |= {"repo": "talkedit/models", "filename": "face_landmarker.task", "revision": REVISION}
+    else:
+        entry |= {"url": f"{url}/face_landmarker.task"}
     manifest.write_text("[weights.face-landmarker]\n" + "".join(f"{k} = {v!r}\n" for k, v in entry.items()))
-    done = run_talkedit("download-weights", "face-landmarker", "--manifest", str(manifest), "--cache-dir",
-                        str(cache))  # fmt: skip
+    done = run_talkedit("download-weights", "face-landmarker", "--manifest", str(manifest), "--cache-dir", str(cache),
+                        env={"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf")})  # fmt: skip
     assert done.returncode == 1
     one_error(done, str(landmarker))
     assert hashlib.sha256(data).hexdigest() in done.stderr and digest(good) in done.stderr
