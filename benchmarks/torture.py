@@ -22,6 +22,7 @@ import json
 import os
 import random
 import resource
+import shlex
 import shutil
 import signal
 import struct
@@ -111,13 +112,8 @@ def fifo(name: str) -> Callable[[Path, Path], None]:
     return lambda folder, home: os.mkfifo(folder / name)
 
 
-def folder_named(name: str, mode: int | None = None) -> Callable[[Path, Path], None]:
-    def make(folder: Path, home: Path) -> None:
-        (folder / name).mkdir()
-        if mode is not None:
-            (folder / name).chmod(mode)
-
-    return make
+def folder_named(name: str) -> Callable[[Path, Path], None]:
+    return lambda folder, home: (folder / name).mkdir()
 
 
 def weights_with(name: str, nan: bool = False, metadata: dict | None = None) -> Callable[[Path, Path], None]:
@@ -390,8 +386,6 @@ def leftovers(folder: Path, home: Path) -> list[str]:
 
 def run(case: Case, folder: Path, home: Path) -> dict:
     """Run one case in `folder`; return what the checks found."""
-    import shlex
-
     (folder / "tmp").mkdir()
     shutil.copyfile(VIDEO, folder / "in.mpg")
     shutil.copyfile(SPEECH, folder / "speech.m4a")
@@ -418,10 +412,10 @@ def run(case: Case, folder: Path, home: Path) -> dict:
         if proc.poll() is None:
             proc.send_signal(case.signal)
     try:
-        stdout, stderr = proc.communicate(timeout=600)
+        _, stderr = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
         proc.kill()
-        stdout, stderr = proc.communicate()
+        _, stderr = proc.communicate()
     after = digests(folder)
     changed = sorted(name for name, sha in before.items() if after.get(name) != sha)
     output = folder / case.output if case.output else None
