@@ -48,7 +48,8 @@ def run_setting(setting: dict) -> dict:
     def sample(steps: int) -> torch.Tensor:
         return sample_frames(
             model, y0, mask, *context, audio,
-            sampler=setting["sampler"], steps=steps, eta=0.0, fp16=setting["fp16"], generator=g,
+            sampler=setting["sampler"], steps=steps, eta=0.0 if setting["sampler"] == "ddim" else None,
+            fp16=setting["fp16"], generator=g,
         )  # fmt: skip
 
     sample(setting["warmup_steps"])  # kernels, autotuning, compilation
@@ -68,6 +69,56 @@ def run_setting(setting: dict) -> dict:
     return {**setting, "frames_done": rounds * batch, "seconds": seconds, "peak_mib": peak}
 
 
+def run_shot(setting: dict) -> dict:
+    """The generate stage of `dub` on one shot of `seconds` at 25 fps: chains planned as `dub` plans them (of about
+    `chain_seconds`), up to `batch` per UNet call. Random crops: speed does not depend on the pixels."""
+    import numpy as np
+    import torch
+
+    from talkedit.diffusion import DiffusionConfig
+    from talkedit.generate import generate_chains, plan_chains
+    from talkedit.unet import UNet, UNetConfig
+
+    device = torch.device(setting["device"])
+    torch.manual_seed(0)
+    model = UNet(UNetConfig()).eval().to(device)
+    model.diffusion = DiffusionConfig()
+    frames = round(setting["seconds"] * 25)
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (frames, 128, 128, 3), np.uint8)
+    masks = np.zeros((frames, 128, 128), np.uint8)
+    masks[:, 64:, 30:98] = 1
+    windows = rng.uniform(-80, 0, (frames, 4, 256)).astype(np.float32)
+    src = np.arange(frames)
+    chains = plan_chains(src, np.zeros(frames, int), windows.mean(axis=(1, 2)), 25.0, setting["chain_seconds"])
+    out = np.zeros_like(crops)
+    warm = plan_chains(src[:2], np.zeros(2, int), windows[:2].mean(axis=(1, 2)), 25.0)
+    generate_chains(model, crops, masks, src[:2], windows[:2], warm, 1, out, steps=2)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    generate_chains(model, crops, masks, src, windows, chains, setting["batch"], out, steps=setting["steps"])
+    seconds = time.perf_counter() - start
+    return {**setting, "chains": len(chains), "frames_done": frames, "seconds_total": seconds}
+
+
+def shots(args, device: str) -> None:
+    """Time the generate stage of a dub of one --shot-seconds shot for each --chain-seconds."""
+    print(f"generate stage of a {args.shot}s shot at 25 fps, DDIM {args.steps} steps, fp16 on CUDA:")
+    print(f"{'chain s':>7} {'chains':>6} {'batch':>5} {'seconds':>8} {'s per s of video':>17}")
+    for chain_seconds in args.chain_seconds:
+        setting = {"kind": "shot", "device": device, "seconds": args.shot, "chain_seconds": chain_seconds,
+                   "batch": args.batch or 1024, "steps": args.steps}  # fmt: skip
+        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(setting)], capture_output=True,
+                             text=True, check=False)  # fmt: skip
+        if out.returncode != 0:
+            sys.exit(f"shot with {chain_seconds}s chains failed:\n{out.stderr}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        per = r["seconds_total"] / args.shot
+        print(f"{chain_seconds:>7} {r['chains']:>6} {min(r['batch'], r['chains']):>5} {r['seconds_total']:>8.1f} "
+              f"{per:>17.3f}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -76,17 +127,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="chains per UNet call (default: 16 on CUDA, 2 on CPU)")
     parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--shot", type=float, help="instead: time dub's generate stage on a shot this long (s)")
+    parser.add_argument("--chain-seconds", type=float, nargs="+", default=[5.0], help="with --shot: chain lengths")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        print(json.dumps(run_setting(json.loads(args.worker))))
+        setting = json.loads(args.worker)
+        print(json.dumps(run_shot(setting) if setting.get("kind") == "shot" else run_setting(setting)))
         return
 
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
+    if args.shot:
+        return shots(args, device)
     batch = args.batch or (16 if cuda else 2)
     frames = args.frames or (16 if cuda else 2)
     common = {"device": device, "compile": args.compile, "channels_last": args.channels_last, "warmup_steps": 2}

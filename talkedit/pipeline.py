@@ -11,7 +11,6 @@ import logging
 import os
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from .analysis import Analysis, Progress, download_stage, no_progress, preprocess
 from .errors import MediaError, TalkeditError
 from .face import CROP_SIZE, paste_face_yuv
+from .generate import generate_chains, plan_chains
 from .media import (
     DEFAULT_CRF,
     VideoInfo,
@@ -94,87 +94,6 @@ def source_indices(num_output: int, num_source: int, fit: Fit) -> np.ndarray:
     period = 2 * num_source - 2
     phase = j % period
     return np.where(phase < num_source, phase, period - phase)
-
-
-CHAIN_SECONDS = 5.0  # a run of tracked frames longer than twice this is split into chains about this long
-SPLIT_SEARCH_SECONDS = 1.0  # how far from an even split a chain may end to end on the quietest moment
-
-
-@dataclass
-class Chain:
-    """One autoregressive chain: consecutive output frames of one track, each conditioned on the one before it.
-
-    Its noise comes from its own generator, seeded from (seed, track, first frame), so that the video does not depend
-    on which chains share a UNet call, nor on the device.
-    """
-
-    track: int
-    frames: list[int]  # output-frame indices, in order
-
-    @property
-    def start(self) -> int:
-        return self.frames[0]
-
-    def seed(self, seed: int) -> int:
-        return (seed * 1_000_003 + self.track * 7_919 + self.start) % (1 << 63)
-
-
-def plan_chains(src: np.ndarray, track: np.ndarray, loudness: np.ndarray, fps: float) -> list[Chain]:
-    """Split output frames into chains: runs where the face is tracked and the source advances by at most one frame
-    within one track. Runs longer than 2 x CHAIN_SECONDS are split into chains of about CHAIN_SECONDS, each ending on
-    the quietest frame (by `loudness`, (num_output,)) within SPLIT_SEARCH_SECONDS of an even split, where a restart
-    is least visible. The plan depends on the inputs only (not on the device or batch size)."""
-    runs: list[list[int]] = []
-    for j, s in enumerate(src):
-        if track[s] < 0:
-            continue
-        if runs and runs[-1][-1] == j - 1 and abs(int(src[j - 1]) - int(s)) <= 1 and track[src[j - 1]] == track[s]:
-            runs[-1].append(j)
-        else:
-            runs.append([j])
-    target, search = max(1, round(CHAIN_SECONDS * fps)), round(SPLIT_SEARCH_SECONDS * fps)
-    result = []
-    for run in runs:
-        while len(run) > 2 * target:
-            lo, hi = max(1, target - search), min(len(run) - 1, target + search)
-            cut = lo + int(np.argmin(loudness[run[lo:hi]]))
-            result.append(Chain(int(track[src[run[0]]]), run[:cut]))
-            run = run[cut:]
-        result.append(Chain(int(track[src[run[0]]]), run))
-    return result
-
-
-def schedule(chain_list: list[Chain], batch: int) -> Iterator[list[tuple[int, int]]]:
-    """Which frames go into each UNet call: lists of (chain index, position in the chain), at most `batch` long.
-
-    Every track shares one identity frame: its first chain's first generated frame (as the official inference uses
-    generated frame 0). Other chains of a track wait for it; chains of different tracks and shots fill a call first.
-    """
-    # Round robin over tracks: every track's first chain, then every track's second, ...
-    nth_of_track, seen = [], Counter()
-    for chain in chain_list:
-        nth_of_track.append(seen[chain.track])
-        seen[chain.track] += 1
-    pending = sorted(range(len(chain_list)), key=lambda k: (nth_of_track[k], k))
-    identity_ready: set[int] = set()
-    position = dict.fromkeys(range(len(chain_list)), 0)
-    active: list[int] = []
-    started_tracks: set[int] = set()
-    while pending or active:
-        for k in list(pending):
-            if len(active) >= batch:
-                break
-            track = chain_list[k].track
-            if track in identity_ready or track not in started_tracks:
-                started_tracks.add(track)
-                active.append(k)
-                pending.remove(k)
-        call = [(k, position[k]) for k in active]
-        yield call
-        for k, pos in call:
-            identity_ready.add(chain_list[k].track)
-            position[k] = pos + 1
-        active = [k for k in active if position[k] < len(chain_list[k].frames)]
 
 
 def dub(
@@ -262,7 +181,9 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
     chain_list = plan_chains(src, analysis.track, windows.mean(axis=(1, 2)), float(info.fps))
     log.info("model %s on %s; %d chains, up to %d at a time", weights_path, device, len(chain_list), batch)
     generated = GeneratedCrops(scratch / "generated.npy", num_output)
-    _generate(model, analysis, src, windows, chain_list, batch, options, progress, generated)
+    generate_chains(model, analysis.crops, analysis.masks, src, windows, chain_list, batch, generated,
+                    sampler=options.sampler, steps=options.steps, seed=options.seed, fp16=options.fp16,
+                    guidance=options.guidance, progress=progress)  # fmt: skip
     stages["generate"] = time.perf_counter() - t
     if generated.count == 0:
         log.warning("no frame has a tracked face: the video is written with its picture unchanged")
@@ -384,62 +305,6 @@ def _check_device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):  # mps, meta, xpu, ...: the sampler and its autocast know CPU and CUDA
         raise TalkeditError(f"--device {name}: talkedit runs on cpu or cuda only; use one of those.")
     return device
-
-
-def _generate(
-    model, analysis, src, windows, chain_list: list[Chain], batch: int, options: DubOptions, progress, generated
-) -> None:
-    """Run the chains as `schedule` says, one frame of up to `batch` chains per UNet call, into `generated`.
-
-    A chain's first frame conditions on its own original crop (spec §6), later frames on the chain's previous
-    generated frame; every frame of a track on the track's identity frame (its first generated frame).
-    """
-    import torch
-
-    from .diffusion import sample_frames
-
-    def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-    total = sum(len(c.frames) for c in chain_list)
-    generators = [torch.Generator().manual_seed(c.seed(options.seed)) for c in chain_list]
-    previous: dict[int, np.ndarray] = {}  # chain -> its last generated crop
-    identity: dict[int, np.ndarray] = {}  # track -> its identity crop
-    done = 0
-    for call in schedule(chain_list, batch):
-        targets = [chain_list[k].frames[pos] for k, pos in call]
-        sources = [src[j] for j in targets]
-        crops = [np.asarray(analysis.crops[s]) for s in sources]
-        tracks = [chain_list[k].track for k, _ in call]
-        out = sample_frames(
-            model,
-            to_tensor(crops),
-            torch.from_numpy(np.stack([analysis.masks[s] for s in sources])).float()[:, None],
-            to_tensor([previous.get(k, crops[n]) for n, (k, _) in enumerate(call)]),
-            to_tensor([identity.get(track, crops[n]) for n, track in enumerate(tracks)]),
-            torch.from_numpy(windows[targets]),
-            sampler=options.sampler,
-            steps=options.steps,
-            generator=[generators[k] for k, _ in call],
-            fp16=options.fp16,
-            guidance=options.guidance,
-        )
-        if not torch.isfinite(out).all():  # NaN would quantise to black mouths and exit 0
-            where = " in fp16 (try --fp32)" if options.fp16 or (options.fp16 is None and out.is_cuda) else ""
-            raise TalkeditError(
-                f"the model produced NaN or infinite pixels{where}; its weights are damaged or it diverged: "
-                "re-create or re-train it."
-            )
-        # Quantise to uint8 as the official code does by saving PNGs.
-        images = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for n, (k, pos) in enumerate(call):
-            generated[targets[n]] = images[n]
-            previous[k] = images[n]
-            identity.setdefault(tracks[n], images[n])
-            if pos + 1 == len(chain_list[k].frames):
-                del previous[k]
-        done += len(call)
-        progress("generate", done, total)
 
 
 def _frames_in_order(info: VideoInfo, src: np.ndarray) -> Iterator[YUVFrame]:

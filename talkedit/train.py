@@ -369,10 +369,12 @@ class EMA:
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
-            else:
+        state = model.state_dict()
+        floats = [k for k, v in state.items() if v.dtype.is_floating_point]
+        # shadow += (1 - d) (v - shadow), as one fused call over all tensors (a loop costs ~600 launches per step)
+        torch._foreach_lerp_([self.shadow[k] for k in floats], [state[k].detach().float() for k in floats], 1 - d)
+        for k, v in state.items():
+            if not v.dtype.is_floating_point:
                 self.shadow[k].copy_(v)
 
     def state_dict(self) -> dict:
@@ -478,8 +480,9 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------------------------
 
-    def train_step(self, step: int) -> float:
-        """One optimiser step on this rank's slice of the global batch. Returns this rank's loss."""
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimiser step on this rank's slice of the global batch. Returns this rank's loss, a 0-d tensor on the
+        device (reading it waits for the GPU, so the loop reads it only when it logs)."""
         options, recipe, data = self.options, self.recipe, self.data
         batch, lo = options.batch, self.processes.rank * self.local_batch
         hi = lo + self.local_batch
@@ -526,7 +529,7 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return float(loss.detach())
+        return loss.detach()
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
@@ -555,7 +558,7 @@ class Trainer:
                 if self.step % self.options.log_every == 0 or self.step == self.steps:
                     seconds = time.perf_counter() - window_start
                     rate = window_steps * self.options.batch / max(seconds, 1e-9)
-                    record = {"step": self.step, "loss": window_loss / window_steps,
+                    record = {"step": self.step, "loss": float(window_loss) / window_steps,
                               "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate}  # fmt: skip
                     if metrics:
                         metrics.write(record)

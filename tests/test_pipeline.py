@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from talkedit.analysis import preprocess
 from talkedit.cli import app
 from talkedit.face import blend_alpha, invert, to_crop
+from talkedit.generate import Chain, plan_chains, schedule
 from talkedit.media import ffmpeg_exe, iter_yuv_frames, probe_video, read_audio
-from talkedit.pipeline import Chain, DubOptions, _frames_in_order, dub, plan_chains, schedule, source_indices
+from talkedit.pipeline import DubOptions, _frames_in_order, dub, source_indices
 
 from .common import media
 

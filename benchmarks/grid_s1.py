@@ -1,0 +1,483 @@
+"""The paper's single-speaker experiment, end to end: GRID speaker s1 -> pack -> train -> held-out dubs -> eval.
+
+GRID s1 (CC BY 4.0) is 1000 clips of 3 s. Fetch it first (it is not downloaded here):
+
+    git clone https://github.com/TVR28/LipNet && export GRID=LipNet/data/s1        # 431 MB of .mpg
+
+Then, each stage resuming from what the last one wrote in WORK (default grid-s1/):
+
+    python benchmarks/grid_s1.py prepare $GRID        # clip lists: drops pbio7a, trims 10 corrupt starts, holds out 50
+    python benchmarks/grid_s1.py pack                 # preprocess (2 processes) and pack: WORK/grid-s1.pack
+    # on a GPU: the recipe defaults from scratch; the held-out clips are the pack's last 50, its validation set
+    python -m talkedit.train WORK/grid-s1.pack -o WORK/grid-s1.safetensors --steps S --val-fraction 0.05005 \\
+        --time-limit 9       # repeat with --resume until it writes the model
+    python benchmarks/grid_s1.py dubs --model WORK/grid-s1.safetensors   # GPU: held-out crops, own and other speech
+    python benchmarks/grid_s1.py eval                 # CPU: composite, `talkedit eval`, the README table
+
+`dubs` needs only torch, numpy, safetensors and OpenCV, like training, so both run on a GPU machine that has
+nothing else. Everything else needs the full talkedit install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+CORRUPT = ("pbio7a",)  # corrupt throughout
+BAD_START = ("bbizzn", "brwa4p", "brwg8p", "bwwuzn", "lgbf8n", "lrarzn", "pbwx1s", "prii9a", "sbbh4p", "sran9s")
+BAD_FRAMES = 12  # the corrupt frames at the start of the BAD_START clips
+HELD_OUT = 50
+
+
+def held_out(names: list[str]) -> list[str]:
+    """50 clips spread evenly over the sorted names (never a trimmed one): the same list on every machine."""
+    candidates = [n for n in sorted(names) if n not in BAD_START]
+    step = len(candidates) // HELD_OUT
+    return candidates[::step][:HELD_OUT]
+
+
+def prepare(source: Path, work: Path) -> None:
+    """Write WORK/clips/ (links to the good clips, trimmed copies of the bad starts) and WORK/order.txt: the
+    training clips, then the 50 held-out ones (the pack's validation set is its last 50 clips)."""
+    from talkedit.media import ffmpeg_exe
+
+    videos = {p.stem: p for p in sorted(source.glob("*.mpg"))}
+    if len(videos) < 1000:
+        sys.exit(f"{source}: {len(videos)} .mpg clips; expected GRID s1's 1000 (data/s1 of TVR28/LipNet).")
+    for name in CORRUPT:
+        videos.pop(name)
+    clips = work / "clips"
+    clips.mkdir(parents=True, exist_ok=True)
+    for name, path in videos.items():
+        if name in BAD_START:
+            target = clips / f"{name}.mkv"
+            if not target.exists():
+                start = BAD_FRAMES / 25
+                subprocess.run(
+                    [ffmpeg_exe(), "-v", "error", "-y", "-i", str(path),
+                     "-vf", f"trim=start_frame={BAD_FRAMES},setpts=PTS-STARTPTS",
+                     "-af", f"atrim=start={start},asetpts=PTS-STARTPTS",
+                     "-c:v", "libx264", "-crf", "10", "-preset", "fast", "-c:a", "pcm_s16le", str(target)],
+                    check=True,
+                )  # fmt: skip
+        else:
+            target = clips / f"{name}.mpg"
+            if not target.exists():
+                target.symlink_to(path.resolve())
+    names = sorted(videos)
+    test = held_out(names)
+    train = [n for n in names if n not in test]
+    suffix = {n: ".mkv" if n in BAD_START else ".mpg" for n in names}
+    (work / "order.txt").write_text("".join(f"clips/{n}{suffix[n]}\n" for n in train + test))
+    (work / "held-out.txt").write_text("".join(f"{n}\n" for n in test))
+    print(f"{len(train)} training clips, {len(test)} held out -> {work / 'order.txt'}")
+
+
+def _analyse(path: str) -> str:
+    from talkedit.analysis import preprocess
+
+    preprocess(Path(path), offline=True)
+    return path
+
+
+def pack(work: Path, processes: int) -> None:
+    """Preprocess every clip (in `processes` worker processes; cached) and write WORK/grid-s1.pack."""
+    from rich.progress import Progress
+
+    from talkedit.pack import build_pack
+
+    order = work / "order.txt"
+    paths = [str(work / line) for line in order.read_text().split()]
+    with Progress() as bar, ProcessPoolExecutor(processes) as pool:
+        task = bar.add_task("analyse", total=len(paths))
+        for _ in pool.map(_analyse, paths, chunksize=4):
+            bar.advance(task)
+    with Progress() as bar:
+        task = bar.add_task("pack", total=len(paths))
+        build_pack([order], work / "grid-s1.pack", offline=True, progress=lambda s, d, t: bar.update(task, completed=d))
+    size = (work / "grid-s1.pack").stat().st_size
+    print(f"{work / 'grid-s1.pack'}: {len(paths)} clips, {size / 2**20:.1f} MiB")
+
+
+# -- train: on the GPU, from the pack alone -----------------------------------------------------------------------
+
+VAL_FRACTION = 0.05005  # the pack's last round(999 * 0.05005) = 50 clips: the held-out ones
+PART_BYTES = 15 * 2**20  # what one file may weigh to come back from the GPU machine
+
+
+def train(work: Path, minutes: float | None, time_limit: float, resume: bool, eval_every: int, *,
+          arch: str = "dve", batch: int = 32, probe_steps: int = 40) -> None:  # fmt: skip
+    """The recipe defaults from scratch on WORK/grid-s1.pack, validating on the held-out clips.
+
+    A new run first times 40 steps and sets --steps so that the whole run takes about `minutes` of training; each
+    call stops at a checkpoint before `time_limit` minutes, and `resume` continues it (the checkpoint keeps --steps).
+    """
+    import tempfile
+
+    from talkedit.train import main as train_main
+
+    pack_path, model = work / "grid-s1.pack", work / "grid-s1.safetensors"
+    data = [str(pack_path), "--val-fraction", str(VAL_FRACTION), "--arch", arch, "--batch", str(batch)]
+    common = [*data, "-o", str(model), "--workdir", str(work / "train")]
+    if resume:
+        args = [*common, "--resume"]
+    else:
+        with tempfile.TemporaryDirectory() as probe:
+            timing = [*data, "-o", f"{probe}/probe.safetensors", "--workdir", probe, "--steps", str(probe_steps),
+                      "--eval-every", "0", "--checkpoint-every", "0"]  # fmt: skip
+            if train_main(timing):
+                sys.exit("the timing run failed")
+            records = [json.loads(line) for line in Path(probe, "metrics.jsonl").read_text().splitlines()]
+        rate = np.mean([r["samples_per_s"] for r in records if "samples_per_s" in r][-2:])
+        steps = max(1, int(rate * minutes * 60 / batch * 0.95))  # 5 % for the evaluations and checkpoints
+        print(f"timing: {rate:.1f} samples/s at batch {batch} -> --steps {steps} for {minutes} minutes", flush=True)
+        args = [*common, "--steps", str(steps)]
+    args += ["--time-limit", str(time_limit), "--eval-every", str(eval_every), "--checkpoint-every", str(eval_every),
+             "--log-every", "100"]  # fmt: skip
+    sys.exit(train_main(args))
+
+
+def half(model: Path, out: Path) -> None:
+    """The model in fp16, split into parts small enough to come back from the GPU machine (see `join`)."""
+    from talkedit.weights import read_weights, save_weights
+
+    weights = read_weights(model)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in weights.state_dict.items()}
+    keys, parts, size = sorted(state), [[]], 0
+    for k in keys:
+        nbytes = state[k].numel() * state[k].element_size()
+        if size + nbytes > PART_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(k)
+        size += nbytes
+    out.mkdir(parents=True, exist_ok=True)
+    for n, part in enumerate(parts):
+        save_weights(out / f"{model.stem}.part{n}.safetensors", {k: state[k] for k in part}, weights.unet_config,
+                     weights.diffusion_config, weights.provenance)  # fmt: skip
+    print(f"{model}: {len(parts)} fp16 parts in {out}")
+
+
+def join(parts: list[Path], output: Path) -> None:
+    """One weights file from the parts that `half` wrote, checked by loading it."""
+    from talkedit.weights import build_model, read_weights, save_weights
+
+    files = [read_weights(p) for p in parts]
+    state = {k: v for f in files for k, v in f.state_dict.items()}
+    save_weights(output, state, files[0].unet_config, files[0].diffusion_config, files[0].provenance)
+    build_model(read_weights(output))
+    print(f"{output}: {len(state)} tensors, {output.stat().st_size / 2**20:.1f} MiB")
+
+
+# -- dubs: on the GPU, from the pack alone ------------------------------------------------------------------------
+
+CASES = ("own", "other", "random")  # trained model with its own speech, with the next held-out clip's; random weights
+JPEG_QUALITY = 95
+
+
+def held_out_clips(pack, work: Path) -> list[int]:
+    """The pack's indices of the held-out clips (WORK/held-out.txt), in that file's order."""
+    names = (work / "held-out.txt").read_text().split()
+    index = {Path(c.name).stem: i for i, c in enumerate(pack.clips)}
+    return [index[n] for n in names]
+
+
+def held_out_frames(pack, clips: list[int], speech_of: list[int], limit: int | None = None):
+    """The stored frames of `clips` (the first `limit` of each) laid end to end, each clip its own track, with the
+    audio windows of clip `speech_of[i]` on the timeline of clip i.
+    Returns (pack indices (N,), track (N,), windows (N, 4, 256))."""
+    from talkedit.audio import frame_windows
+
+    index, track, windows = [], [], []
+    for i, (c, s) in enumerate(zip(clips, speech_of, strict=True)):
+        rows = np.flatnonzero(pack.clip == c)
+        rows = rows[np.argsort(pack.frame[rows])][:limit]
+        info = pack.clips[c]
+        index.append(rows)
+        track.append(np.full(len(rows), i))
+        windows.append(frame_windows(pack.mels[s], info.frames, info.fps)[pack.frame[rows]])
+    return np.concatenate(index), np.concatenate(track), np.concatenate(windows)
+
+
+def dub_held_out(model, pack, clips, speech_of, *, limit=None, steps=None, fp16=None, seed=0) -> np.ndarray:
+    """Generate the stored frames of `clips` as `dub` would, every clip's chain in the same UNet calls.
+    Returns (N, 128, 128, 3) uint8 in the order of `held_out_frames`."""
+    from talkedit.generate import generate_chains, plan_chains
+
+    rows, track, windows = held_out_frames(pack, clips, speech_of, limit)
+    src = np.arange(len(rows))
+    chains = plan_chains(src, track, windows.mean(axis=(1, 2)), 25.0)
+    out = np.zeros((len(rows), 128, 128, 3), np.uint8)
+    generate_chains(model, pack.crops[rows], pack.masks[rows], src, windows, chains, len(chains), out,
+                    steps=steps, fp16=fp16, seed=seed)  # fmt: skip
+    return out
+
+
+def mask_box(masks: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the union of `masks` (N, 128, 128)."""
+    rows, cols = np.flatnonzero(masks.any(axis=(0, 2))), np.flatnonzero(masks.any(axis=(0, 1)))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def save_crops(path: Path, crops: np.ndarray, box: tuple[int, int, int, int]) -> None:
+    """The `box` of each crop as JPEG, in one safetensors file (outside the masks a crop is the pack's own)."""
+    import cv2
+    from safetensors.numpy import save_file
+
+    top, bottom, left, right = box
+    blobs = [cv2.imencode(".jpg", c[top:bottom, left:right, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
+             for c in crops]  # fmt: skip
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+    save_file({"jpeg": np.concatenate(blobs).ravel(), "offsets": offsets}, str(path), {"box": json.dumps(box)})
+
+
+def load_crops(path: Path, base: np.ndarray) -> np.ndarray:
+    """The crops saved by `save_crops`, pasted into `base` (N, 128, 128, 3): the pack's crops of the same frames."""
+    import cv2
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        top, bottom, left, right = json.loads(f.metadata()["box"])
+        jpeg, offsets = f.get_tensor("jpeg"), f.get_tensor("offsets")
+    out = base.copy()
+    for n in range(len(base)):
+        out[n, top:bottom, left:right] = cv2.imdecode(jpeg[offsets[n] : offsets[n + 1]], cv2.IMREAD_COLOR)[:, :, ::-1]
+    return out
+
+
+def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_steps: int) -> None:
+    """Dub the held-out clips (see CASES) into OUT/CASE.safetensors, and compare fp16 with fp32 sampling on the first
+    10 frames of 8 held-out clips (OUT/dubs.json, with the timings)."""
+    import time
+
+    import torch
+
+    from talkedit.pack import read_pack
+    from talkedit.unet import UNet
+    from talkedit.weights import build_model, read_weights
+
+    out.mkdir(parents=True, exist_ok=True)
+    pack = read_pack(work / "grid-s1.pack")
+    clips = held_out_clips(pack, work)
+    partner = clips[1:] + clips[:1]
+    rows, _, _ = held_out_frames(pack, clips, clips)
+    box = mask_box(pack.masks[rows])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trained = build_model(read_weights(model_path)).to(device)
+    torch.manual_seed(0)
+    random = UNet(trained.config).to(device).eval()
+    random.diffusion = trained.diffusion
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "frames": len(rows),
+              "steps": steps or trained.diffusion.steps, "random_steps": random_steps}  # fmt: skip
+
+    def timed(name: str, *args, **kwargs) -> np.ndarray:
+        t = time.perf_counter()
+        crops = dub_held_out(*args, **kwargs)
+        report[f"{name}_seconds"] = time.perf_counter() - t
+        print(f"{name}: {len(crops)} frames in {report[f'{name}_seconds']:.1f} s", flush=True)
+        return crops
+
+    # Own and other speech in the same UNet calls: the own half is what a run of its own gives (seeds are per chain).
+    both = timed("own+other", trained, pack, clips + clips, clips + partner, steps=steps)
+    save_crops(out / "own.safetensors", both[: len(rows)], box)
+    save_crops(out / "other.safetensors", both[len(rows) :], box)
+    save_crops(out / "random.safetensors", timed("random", random, pack, clips, clips, steps=random_steps), box)
+    half_, full = (timed(f"fp{16 if fp16 else 32}", trained, pack, clips[:8], clips[:8], limit=10, steps=steps,
+                         fp16=fp16) for fp16 in (True, False))  # fmt: skip
+    diff = np.abs(full.astype(np.int16) - half_.astype(np.int16))
+    mse = np.mean(diff.astype(np.float64) ** 2)
+    report["fp16_vs_fp32"] = {"frames": len(full), "max_levels": int(diff.max()), "mean_levels": float(diff.mean()),
+                              "psnr_db": float(10 * np.log10(255**2 / mse)) if mse > 0 else None}  # fmt: skip
+    (out / "dubs.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report), flush=True)
+
+
+# -- eval: on a CPU with the full install --------------------------------------------------------------------------
+
+GROUP = 5  # held-out clips per evaluated video: 15 s, long enough for the sync measure (3 s is not)
+ROWS = {  # table rows: (video, speech) for each group
+    "original": ("original", "own"),
+    "original, other speech": ("original", "other"),
+    "frozen mouth": ("frozen", "own"),
+    "random weights": ("random", "own"),
+    "dub": ("own", "own"),
+    "dub, other speech": ("other", "other"),
+}
+
+
+def evaluate_held_out(work: Path, group: int = GROUP) -> None:
+    """Paste the dubbed crops back into the held-out clips, 5 clips to a video, and score every row of ROWS with
+    `talkedit eval` against the original. Writes WORK/eval.json, WORK/eval.md (the README table) and
+    WORK/strip.png (lower halves of held-out crops: original, dub, dub with other speech, random weights)."""
+    import tempfile
+
+    from rich.progress import Progress
+
+    from talkedit.analysis import preprocess
+    from talkedit.audio import SAMPLE_RATE
+    from talkedit.evaluate import evaluate
+    from talkedit.face import paste_face_yuv
+    from talkedit.holdout import CUT_CRF, write_wav
+    from talkedit.media import VideoWriter, decode_speech, iter_yuv_frames, read_audio, write_image
+    from talkedit.pack import read_pack
+
+    pack = read_pack(work / "grid-s1.pack")
+    clips = held_out_clips(pack, work)
+    rows, _, _ = held_out_frames(pack, clips, clips)
+    base = pack.crops[rows]
+    crops = {"original": base, **{case: load_crops(work / "dubs" / f"{case}.safetensors", base) for case in CASES}}
+    crops["frozen"] = base  # pasted from each clip's first frame below
+    paths = {Path(line).stem: work / line for line in (work / "order.txt").read_text().split()}
+    offsets = np.cumsum([0] + [int(np.sum(pack.clip[rows] == c)) for c in clips])  # rows are clip by clip
+
+    results: dict[str, list] = {name: [] for name in ROWS}
+    with tempfile.TemporaryDirectory(prefix="grid-eval-") as scratch, Progress() as bar:
+        scratch = Path(scratch)
+        task = bar.add_task("held-out groups", total=len(clips) // group)
+        analyses = [preprocess(paths[Path(pack.clips[c].name).stem], offline=True) for c in clips]
+        wavs = []
+        for i, c in enumerate(clips):
+            wav = read_audio(decode_speech(paths[Path(pack.clips[c].name).stem], scratch / f"{i}.wav"))
+            wavs.append(wav)
+        for g in range(len(clips) // group):
+            members = list(range(g * group, (g + 1) * group))
+
+            def speech(kind: str, g: int = g, members: list[int] = members) -> Path:
+                """The group's speech: its clips' own, or each clip's next held-out clip's, cut to its length."""
+                parts = []
+                for i in members:
+                    length = round(analyses[i].frame_count / float(analyses[i].video.fps) * SAMPLE_RATE)
+                    wav = wavs[i] if kind == "own" else wavs[(i + 1) % len(clips)]
+                    parts.append(np.concatenate([wav[:length], np.zeros(max(0, length - len(wav)), wav.dtype)]))
+                return write_wav(scratch / f"g{g}-{kind}.wav", np.concatenate(parts), SAMPLE_RATE)
+
+            speeches = {kind: speech(kind) for kind in ("own", "other")}
+            videos = {}
+            for kind in ("original", "frozen", "random", "own", "other"):
+                info = analyses[members[0]].video
+                output = scratch / f"g{g}-{kind}.mp4"
+                with VideoWriter(output, info.width, info.height, info.fps, audio=speeches["own"], crf=CUT_CRF,
+                                 colour=info.colour, sar=info.sar) as writer:  # fmt: skip
+                    for i in members:
+                        analysis, stored = analyses[i], np.flatnonzero(analyses[i].tracked)
+                        row_of = dict(zip(stored.tolist(), range(offsets[i], offsets[i + 1]), strict=True))
+                        for f, frame in enumerate(iter_yuv_frames(analysis.video)):
+                            if f >= analysis.frame_count:
+                                break
+                            if kind != "original" and f in row_of:
+                                crop = crops[kind][offsets[i] if kind == "frozen" else row_of[f]]
+                                frame = paste_face_yuv(frame, crop, analysis.masks[f], analysis.matrices[f],
+                                                       analysis.video.matrix, analysis.video.full_range)  # fmt: skip
+                            writer.write(frame)
+                    writer.close()
+                videos[kind] = output
+            for name, (kind, speech_kind) in ROWS.items():
+                e = evaluate(videos[kind], speeches[speech_kind], videos["original"], chain_starts=[], offline=True)
+                results[name].append({
+                    "offset": e.sync.offset if e.sync else None,
+                    "confidence": e.sync.confidence if e.sync else None,
+                    "psnr": e.reference.psnr if e.reference else None,
+                    "ssim": e.reference.ssim if e.reference else None,
+                    "lmd": e.reference.lmd if e.reference else None,
+                    "motion": e.mouth_motion,
+                    "flags": e.flags,
+                })  # fmt: skip
+            bar.advance(task)
+
+    (work / "eval.json").write_text(json.dumps(results, indent=1))
+    (work / "eval.md").write_text(table(results, work))
+    print(table(results, work))
+    picks = [(i, 40) for i in range(0, len(clips), len(clips) // 8)][:8]
+    strip = [np.concatenate([crops[kind][offsets[i] + f][64:] for i, f in picks], axis=1)
+             for kind in ("original", "own", "other", "random")]  # fmt: skip
+    write_image(work / "strip.png", np.concatenate(strip, axis=0))
+
+
+def table(results: dict[str, list], work: Path) -> str:
+    """The README table: means over the held-out groups."""
+
+    def mean(name: str, key: str) -> float:
+        values = [r[key] for r in results[name] if r[key] is not None and np.isfinite(r[key])]
+        return float(np.mean(values)) if values else float("nan")
+
+    lines = ["| case | sync conf | \\|offset\\| (frames) | PSNR (dB) | SSIM | LMD (px) | motion (px) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, group in results.items():
+        offsets = [abs(r["offset"]) for r in group if r["offset"] is not None]
+        psnr = mean(name, "psnr")
+        lines.append(
+            f"| {name} | {mean(name, 'confidence'):.2f} | {np.mean(offsets) if offsets else float('nan'):.1f} | "
+            f"{'inf' if name.startswith('original') else f'{psnr:.1f}'} | {mean(name, 'ssim'):.3f} | "
+            f"{mean(name, 'lmd'):.2f} | {mean(name, 'motion'):.2f} |"
+        )
+    metrics = work / "train" / "metrics.jsonl"
+    if metrics.is_file():
+        evals = [json.loads(line) for line in metrics.read_text().splitlines() if "audio_ratio" in line]
+        if evals:
+            last = evals[-1]
+            lines.append(f"\nTraining's last validation (step {last['step']}): masked error {last['val_error']:.4f}, "
+                         f"audio-shift ratio {last['audio_ratio']:.3f}.")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("grid-s1"))
+    sub = parser.add_subparsers(dest="stage", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("source", type=Path, help="GRID s1's folder of .mpg clips (data/s1 of TVR28/LipNet)")
+    p = sub.add_parser("pack")
+    p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    p = sub.add_parser("train")
+    p.add_argument("--minutes", type=float, help="a new run: the training time to plan --steps for")
+    p.add_argument("--time-limit", type=float, default=9.0, help="stop at a checkpoint before this (minutes)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--arch", default="dve", help="dve (the paper's UNet) or small (to try the stage on a CPU)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--probe-steps", type=int, default=40)
+    p = sub.add_parser("half")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("join")
+    p.add_argument("parts", type=Path, nargs="+")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p = sub.add_parser("eval")
+    p.add_argument("--group", type=int, default=GROUP, help="held-out clips per evaluated video")
+    p = sub.add_parser("dubs")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="where the dubbed crops go (default: WORK/dubs)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    p.add_argument("--random-steps", type=int, default=25, help="sampling steps of the random-weight model")
+    args = parser.parse_args()
+    if args.stage == "prepare":
+        prepare(args.source, args.work)
+    elif args.stage == "pack":
+        pack(args.work, args.processes)
+    elif args.stage == "train":
+        if not args.resume and not args.minutes:
+            parser.error("a new run needs --minutes")
+        train(args.work, args.minutes, args.time_limit, args.resume, args.eval_every, arch=args.arch,
+              batch=args.batch, probe_steps=args.probe_steps)  # fmt: skip
+    elif args.stage == "half":
+        half(args.model, args.out)
+    elif args.stage == "join":
+        join(args.parts, args.output)
+    elif args.stage == "eval":
+        evaluate_held_out(args.work, args.group)
+    elif args.stage == "dubs":
+        dubs(args.work, args.model, args.out or args.work / "dubs", args.steps, args.random_steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The generation stage: a shot's frames split into autoregressive chains, sampled a frame per chain per UNet call.
+
+    plan_chains      output frames -> chains (tracked runs, split on quiet moments)
+    schedule         chains -> UNet calls of up to `batch` frames, each track's identity frame first
+    generate_chains  crops, masks, audio windows and chains -> generated crops
+
+Needs only numpy and torch, so that held-out clips of a pack can be dubbed on a GPU machine that has nothing else
+(benchmarks/grid_s1.py); `pipeline.dub` drives it for a video.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import TalkeditError
+
+CHAIN_SECONDS = 5.0  # a run of tracked frames longer than twice this is split into chains about this long
+SPLIT_SEARCH_SECONDS = 1.0  # how far from an even split a chain may end to end on the quietest moment
+
+
+@dataclass
+class Chain:
+    """One autoregressive chain: consecutive output frames of one track, each conditioned on the one before it.
+
+    Its noise comes from its own generator, seeded from (seed, track, first frame), so that the video does not depend
+    on which chains share a UNet call, nor on the device.
+    """
+
+    track: int
+    frames: list[int]  # output-frame indices, in order
+
+    @property
+    def start(self) -> int:
+        return self.frames[0]
+
+    def seed(self, seed: int) -> int:
+        return (seed * 1_000_003 + self.track * 7_919 + self.start) % (1 << 63)
+
+
+def plan_chains(
+    src: np.ndarray, track: np.ndarray, loudness: np.ndarray, fps: float, chain_seconds: float = CHAIN_SECONDS
+) -> list[Chain]:
+    """Split output frames into chains: runs where the face is tracked and the source advances by at most one frame
+    within one track. Runs longer than 2 x chain_seconds are split into chains of about chain_seconds, each ending on
+    the quietest frame (by `loudness`, (num_output,)) within SPLIT_SEARCH_SECONDS of an even split, where a restart
+    is least visible. The plan depends on the inputs only (not on the device or batch size)."""
+    runs: list[list[int]] = []
+    for j, s in enumerate(src):
+        if track[s] < 0:
+            continue
+        if runs and runs[-1][-1] == j - 1 and abs(int(src[j - 1]) - int(s)) <= 1 and track[src[j - 1]] == track[s]:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    target = max(1, round(chain_seconds * fps))
+    search = min(round(SPLIT_SEARCH_SECONDS * fps), target // 2)
+    result = []
+    for run in runs:
+        while len(run) > 2 * target:
+            lo, hi = max(1, target - search), min(len(run) - 1, target + search)
+            cut = lo + int(np.argmin(loudness[run[lo:hi]]))
+            result.append(Chain(int(track[src[run[0]]]), run[:cut]))
+            run = run[cut:]
+        result.append(Chain(int(track[src[run[0]]]), run))
+    return result
+
+
+def schedule(chain_list: list[Chain], batch: int) -> Iterator[list[tuple[int, int]]]:
+    """Which frames go into each UNet call: lists of (chain index, position in the chain), at most `batch` long.
+
+    Every track shares one identity frame: its first chain's first generated frame (as the official inference uses
+    generated frame 0). Other chains of a track wait for it; chains of different tracks and shots fill a call first.
+    """
+    # Round robin over tracks: every track's first chain, then every track's second, ...
+    nth_of_track, seen = [], Counter()
+    for chain in chain_list:
+        nth_of_track.append(seen[chain.track])
+        seen[chain.track] += 1
+    pending = sorted(range(len(chain_list)), key=lambda k: (nth_of_track[k], k))
+    identity_ready: set[int] = set()
+    position = dict.fromkeys(range(len(chain_list)), 0)
+    active: list[int] = []
+    started_tracks: set[int] = set()
+    while pending or active:
+        for k in list(pending):
+            if len(active) >= batch:
+                break
+            track = chain_list[k].track
+            if track in identity_ready or track not in started_tracks:
+                started_tracks.add(track)
+                active.append(k)
+                pending.remove(k)
+        call = [(k, position[k]) for k in active]
+        yield call
+        for k, pos in call:
+            identity_ready.add(chain_list[k].track)
+            position[k] = pos + 1
+        active = [k for k in active if position[k] < len(chain_list[k].frames)]
+
+
+def generate_chains(
+    model,
+    crops,
+    masks,
+    src: np.ndarray,
+    windows: np.ndarray,
+    chain_list: list[Chain],
+    batch: int,
+    generated,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    fp16: bool | None = None,
+    guidance: float = 1.0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> None:
+    """Run the chains as `schedule` says, one frame of up to `batch` chains per UNet call, into `generated`.
+
+    crops:     indexable by source frame -> (128, 128, 3) uint8 RGB aligned crop (an array or a memory map)
+    masks:     indexable by source frame -> (128, 128) {0, 1} jaw mask
+    src:       (num_output,) the source frame each output frame shows
+    windows:   (num_output, F, M) float32 dB audio window of each output frame
+    generated: settable by output frame: receives (128, 128, 3) uint8 crops
+
+    A chain's first frame conditions on its own original crop (spec §6), later frames on the chain's previous
+    generated frame; every frame of a track on the track's identity frame (its first generated frame).
+    """
+    import torch
+
+    from .diffusion import sample_frames
+
+    def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    total = sum(len(c.frames) for c in chain_list)
+    generators = [torch.Generator().manual_seed(c.seed(seed)) for c in chain_list]
+    previous: dict[int, np.ndarray] = {}  # chain -> its last generated crop
+    identity: dict[int, np.ndarray] = {}  # track -> its identity crop
+    done = 0
+    for call in schedule(chain_list, batch):
+        targets = [chain_list[k].frames[pos] for k, pos in call]
+        sources = [src[j] for j in targets]
+        originals = [np.asarray(crops[s]) for s in sources]
+        tracks = [chain_list[k].track for k, _ in call]
+        out = sample_frames(
+            model,
+            to_tensor(originals),
+            torch.from_numpy(np.stack([masks[s] for s in sources])).float()[:, None],
+            to_tensor([previous.get(k, originals[n]) for n, (k, _) in enumerate(call)]),
+            to_tensor([identity.get(track, originals[n]) for n, track in enumerate(tracks)]),
+            torch.from_numpy(windows[targets]),
+            sampler=sampler,
+            steps=steps,
+            generator=[generators[k] for k, _ in call],
+            fp16=fp16,
+            guidance=guidance,
+        )
+        if not torch.isfinite(out).all():  # NaN would quantise to black mouths and exit 0
+            where = " in fp16 (try --fp32)" if fp16 or (fp16 is None and out.is_cuda) else ""
+            raise TalkeditError(
+                f"the model produced NaN or infinite pixels{where}; its weights are damaged or it diverged: "
+                "re-create or re-train it."
+            )
+        # Quantise to uint8 as the official code does by saving PNGs.
+        images = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for n, (k, pos) in enumerate(call):
+            generated[targets[n]] = images[n]
+            previous[k] = images[n]
+            identity.setdefault(tracks[n], images[n])
+            if pos + 1 == len(chain_list[k].frames):
+                del previous[k]
+        done += len(call)
+        if progress is not None:
+            progress("generate", done, total)
