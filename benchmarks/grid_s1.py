@@ -255,7 +255,7 @@ def load_crops(path: Path, base: np.ndarray) -> np.ndarray:
     return out
 
 
-def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_steps: int) -> None:
+def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_steps: int, count: int | None) -> None:
     """Dub the held-out clips (see CASES) into OUT/CASE.safetensors, and compare fp16 with fp32 sampling on the first
     10 frames of 8 held-out clips (OUT/dubs.json, with the timings)."""
     import time
@@ -268,7 +268,7 @@ def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_step
 
     out.mkdir(parents=True, exist_ok=True)
     pack = read_pack(work / "grid-s1.pack")
-    clips = held_out_clips(pack, work)
+    clips = held_out_clips(pack, work)[:count]
     partner = clips[1:] + clips[:1]
     rows, _, _ = held_out_frames(pack, clips, clips)
     box = mask_box(pack.masks[rows])
@@ -292,12 +292,14 @@ def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_step
     save_crops(out / "own.safetensors", both[: len(rows)], box)
     save_crops(out / "other.safetensors", both[len(rows) :], box)
     save_crops(out / "random.safetensors", timed("random", random, pack, clips, clips, steps=random_steps), box)
-    half_, full = (timed(f"fp{16 if fp16 else 32}", trained, pack, clips[:8], clips[:8], limit=10, steps=steps,
-                         fp16=fp16) for fp16 in (True, False))  # fmt: skip
-    diff = np.abs(full.astype(np.int16) - half_.astype(np.int16))
-    mse = np.mean(diff.astype(np.float64) ** 2)
-    report["fp16_vs_fp32"] = {"frames": len(full), "max_levels": int(diff.max()), "mean_levels": float(diff.mean()),
-                              "psnr_db": float(10 * np.log10(255**2 / mse)) if mse > 0 else None}  # fmt: skip
+    if device.type == "cuda":
+        half_, full = (timed(f"fp{16 if fp16 else 32}", trained, pack, clips[:8], clips[:8], limit=10, steps=steps,
+                             fp16=fp16) for fp16 in (True, False))  # fmt: skip
+        diff = np.abs(full.astype(np.int16) - half_.astype(np.int16))
+        mse = np.mean(diff.astype(np.float64) ** 2)
+        report["fp16_vs_fp32"] = {"frames": len(full), "max_levels": int(diff.max()),
+                                  "mean_levels": float(diff.mean()),
+                                  "psnr_db": float(10 * np.log10(255**2 / mse)) if mse > 0 else None}  # fmt: skip
     (out / "dubs.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report), flush=True)
 
@@ -315,7 +317,7 @@ ROWS = {  # table rows: (video, speech) for each group
 }
 
 
-def evaluate_held_out(work: Path, group: int = GROUP) -> None:
+def evaluate_held_out(work: Path, group: int = GROUP, count: int | None = None) -> None:
     """Paste the dubbed crops back into the held-out clips, 5 clips to a video, and score every row of ROWS with
     `talkedit eval` against the original. Writes WORK/eval.json, WORK/eval.md (the README table) and
     WORK/strip.png (lower halves of held-out crops: original, dub, dub with other speech, random weights)."""
@@ -332,7 +334,7 @@ def evaluate_held_out(work: Path, group: int = GROUP) -> None:
     from talkedit.pack import read_pack
 
     pack = read_pack(work / "grid-s1.pack")
-    clips = held_out_clips(pack, work)
+    clips = held_out_clips(pack, work)[:count]
     rows, _, _ = held_out_frames(pack, clips, clips)
     base = pack.crops[rows]
     crops = {"original": base, **{case: load_crops(work / "dubs" / f"{case}.safetensors", base) for case in CASES}}
@@ -397,10 +399,18 @@ def evaluate_held_out(work: Path, group: int = GROUP) -> None:
     (work / "eval.json").write_text(json.dumps(results, indent=1))
     (work / "eval.md").write_text(table(results, work))
     print(table(results, work))
-    picks = [(i, 40) for i in range(0, len(clips), len(clips) // 8)][:8]
+    picks = [(i, 40) for i in range(0, len(clips), max(1, len(clips) // 8))][:8]
     strip = [np.concatenate([crops[kind][offsets[i] + f][64:] for i, f in picks], axis=1)
              for kind in ("original", "own", "other", "random")]  # fmt: skip
     write_image(work / "strip.png", np.concatenate(strip, axis=0))
+
+
+def flag_counts(group: list[dict]) -> str:
+    """How many groups raised each flag, e.g. "frozen mouth 10, weak sync 3"."""
+    from collections import Counter
+
+    counts = Counter(flag.split(":")[0] for r in group for flag in r["flags"])
+    return ", ".join(f"{flag} {n}" for flag, n in counts.most_common()) or "none"
 
 
 def table(results: dict[str, list], work: Path) -> str:
@@ -410,15 +420,15 @@ def table(results: dict[str, list], work: Path) -> str:
         values = [r[key] for r in results[name] if r[key] is not None and np.isfinite(r[key])]
         return float(np.mean(values)) if values else float("nan")
 
-    lines = ["| case | sync conf | \\|offset\\| (frames) | PSNR (dB) | SSIM | LMD (px) | motion (px) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    header = "| case | sync conf | \\|offset\\| (frames) | PSNR (dB) | SSIM | LMD (px) | motion (px) | flags (groups) |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for name, group in results.items():
         offsets = [abs(r["offset"]) for r in group if r["offset"] is not None]
         psnr = mean(name, "psnr")
         lines.append(
             f"| {name} | {mean(name, 'confidence'):.2f} | {np.mean(offsets) if offsets else float('nan'):.1f} | "
             f"{'inf' if name.startswith('original') else f'{psnr:.1f}'} | {mean(name, 'ssim'):.3f} | "
-            f"{mean(name, 'lmd'):.2f} | {mean(name, 'motion'):.2f} |"
+            f"{mean(name, 'lmd'):.2f} | {mean(name, 'motion'):.2f} | {flag_counts(group)} |"
         )
     metrics = work / "train" / "metrics.jsonl"
     if metrics.is_file():
@@ -454,11 +464,13 @@ def main() -> None:
     p.add_argument("-o", "--output", type=Path, required=True)
     p = sub.add_parser("eval")
     p.add_argument("--group", type=int, default=GROUP, help="held-out clips per evaluated video")
+    p.add_argument("--clips", type=int, help="only the first N held-out clips (as dubbed)")
     p = sub.add_parser("dubs")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, help="where the dubbed crops go (default: WORK/dubs)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--random-steps", type=int, default=25, help="sampling steps of the random-weight model")
+    p.add_argument("--clips", type=int, help="only the first N held-out clips (all 50 by default)")
     args = parser.parse_args()
     if args.stage == "prepare":
         prepare(args.source, args.work)
@@ -474,9 +486,9 @@ def main() -> None:
     elif args.stage == "join":
         join(args.parts, args.output)
     elif args.stage == "eval":
-        evaluate_held_out(args.work, args.group)
+        evaluate_held_out(args.work, args.group, args.clips)
     elif args.stage == "dubs":
-        dubs(args.work, args.model, args.out or args.work / "dubs", args.steps, args.random_steps)
+        dubs(args.work, args.model, args.out or args.work / "dubs", args.steps, args.random_steps, args.clips)
 
 
 if __name__ == "__main__":
