@@ -247,11 +247,12 @@ class FakeAnalysis:
 
 
 def run_generate(monkeypatch, tmp_path, src, track, batch: int):
-    """_generate with a fake sampler that records, per output frame, what it was conditioned on."""
+    """generate_chains with a fake sampler that records, per output frame, what it was conditioned on."""
     import torch
 
     from talkedit import diffusion
-    from talkedit.pipeline import GeneratedCrops, _generate
+    from talkedit.generate import generate_chains
+    from talkedit.pipeline import GeneratedCrops
 
     def decode(images: torch.Tensor) -> list[tuple[str, int]]:
         pixels = ((images[:, :, 0, 0] + 1) * 127.5).round().int().tolist()
@@ -274,7 +275,7 @@ def run_generate(monkeypatch, tmp_path, src, track, batch: int):
     windows = np.broadcast_to(np.arange(len(src), dtype=np.float32)[:, None, None], (len(src), 4, 256)).copy()
     chain_list = plan_chains(src, track, np.zeros(len(src)), 25)
     generated = GeneratedCrops(tmp_path / f"generated-{batch}.npy", len(src))
-    _generate(None, analysis, src, windows, chain_list, batch, DubOptions(seed=3), lambda *a: None, generated)
+    generate_chains(None, analysis.crops, analysis.masks, src, windows, chain_list, batch, generated, seed=3)
     return seen, chain_list, generated
 
 
