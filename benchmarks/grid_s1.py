@@ -329,7 +329,7 @@ def evaluate_held_out(work: Path, group: int = GROUP, count: int | None = None) 
     from talkedit.audio import SAMPLE_RATE
     from talkedit.evaluate import evaluate
     from talkedit.face import paste_face_yuv
-    from talkedit.holdout import CUT_CRF, write_wav
+    from talkedit.holdout import CUT_CRF, _pad, write_wav
     from talkedit.media import VideoWriter, decode_speech, iter_yuv_frames, read_audio, write_image
     from talkedit.pack import read_pack
 
@@ -346,11 +346,9 @@ def evaluate_held_out(work: Path, group: int = GROUP, count: int | None = None) 
     with tempfile.TemporaryDirectory(prefix="grid-eval-") as scratch, Progress() as bar:
         scratch = Path(scratch)
         task = bar.add_task("held-out groups", total=len(clips) // group)
-        analyses = [preprocess(paths[Path(pack.clips[c].name).stem], offline=True) for c in clips]
-        wavs = []
-        for i, c in enumerate(clips):
-            wav = read_audio(decode_speech(paths[Path(pack.clips[c].name).stem], scratch / f"{i}.wav"))
-            wavs.append(wav)
+        videos_in = [paths[Path(pack.clips[c].name).stem] for c in clips]
+        analyses = [preprocess(video, offline=True) for video in videos_in]
+        wavs = [read_audio(decode_speech(video, scratch / f"{i}.wav")) for i, video in enumerate(videos_in)]
         for g in range(len(clips) // group):
             members = list(range(g * group, (g + 1) * group))
 
@@ -360,7 +358,7 @@ def evaluate_held_out(work: Path, group: int = GROUP, count: int | None = None) 
                 for i in members:
                     length = round(analyses[i].frame_count / float(analyses[i].video.fps) * SAMPLE_RATE)
                     wav = wavs[i] if kind == "own" else wavs[(i + 1) % len(clips)]
-                    parts.append(np.concatenate([wav[:length], np.zeros(max(0, length - len(wav)), wav.dtype)]))
+                    parts.append(_pad(wav, length))
                 return write_wav(scratch / f"g{g}-{kind}.wav", np.concatenate(parts), SAMPLE_RATE)
 
             speeches = {kind: speech(kind) for kind in ("own", "other")}

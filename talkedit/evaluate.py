@@ -206,7 +206,7 @@ def _lse(analysis: Analysis, wav: np.ndarray, path: Path, progress: Progress) ->
 def _planned_chain_starts(track: np.ndarray, wav: np.ndarray, fps) -> list[int]:
     """Where `dub` starts its chains for this shot's face track (T,) and speech (the plan depends on nothing else)."""
     from .audio import frame_windows, mel_spectrogram
-    from .pipeline import plan_chains
+    from .generate import plan_chains
 
     frames = len(track)
     windows = frame_windows(mel_spectrogram(wav), frames, fps)
