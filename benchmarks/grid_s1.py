@@ -11,10 +11,11 @@ Then, each stage resuming from what the last one wrote in WORK (default grid-s1/
     # on a GPU: the recipe defaults from scratch; the held-out clips are the pack's last 50, its validation set
     python -m talkedit.train WORK/grid-s1.pack -o WORK/grid-s1.safetensors --steps S --val-fraction 0.05005 \\
         --time-limit 9       # repeat with --resume until it writes the model
+    python benchmarks/grid_s1.py sampled --model WORK/grid-s1.safetensors  # how often sampled mouths are noise
     python benchmarks/grid_s1.py dubs --model WORK/grid-s1.safetensors   # GPU: held-out crops, own and other speech
     python benchmarks/grid_s1.py eval                 # CPU: composite, `talkedit eval`, the README table
 
-`dubs` needs only torch, numpy, safetensors and OpenCV, like training, so both run on a GPU machine that has
+`train`, `sampled` and `dubs` need only torch, numpy, safetensors and OpenCV, so they run on a GPU machine that has
 nothing else. Everything else needs the full talkedit install.
 """
 
@@ -116,19 +117,22 @@ PART_BYTES = 15 * 2**20  # what one file may weigh to come back from the GPU mac
 
 
 def train(work: Path, minutes: float | None, time_limit: float, resume: bool, eval_every: int, *,
-          arch: str = "dve", batch: int = 32, probe_steps: int = 40) -> None:  # fmt: skip
+          arch: str = "dve", batch: int = 32, probe_steps: int = 40, prediction: str = "eps") -> None:  # fmt: skip
     """The recipe defaults from scratch on WORK/grid-s1.pack, validating on the held-out clips.
 
     A new run first times 40 steps and sets --steps so that the whole run takes about `minutes` of training; each
     call stops at a checkpoint before `time_limit` minutes, and `resume` continues it (the checkpoint keeps --steps).
+    `prediction` "v" trains a v-prediction model instead (WORK/grid-s1-v.safetensors, its run in WORK/train-v).
     """
     import tempfile
 
     from talkedit.train import main as train_main
 
-    pack_path, model = work / "grid-s1.pack", work / "grid-s1.safetensors"
-    data = [str(pack_path), "--val-fraction", str(VAL_FRACTION), "--arch", arch, "--batch", str(batch)]
-    common = [*data, "-o", str(model), "--workdir", str(work / "train")]
+    suffix = "" if prediction == "eps" else f"-{prediction}"
+    pack_path, model = work / "grid-s1.pack", work / f"grid-s1{suffix}.safetensors"
+    data = [str(pack_path), "--val-fraction", str(VAL_FRACTION), "--arch", arch, "--batch", str(batch),
+            "--prediction", prediction]  # fmt: skip
+    common = [*data, "-o", str(model), "--workdir", str(work / f"train{suffix}")]
     if resume:
         args = [*common, "--resume"]
     else:
@@ -177,6 +181,53 @@ def join(parts: list[Path], output: Path) -> None:
     save_weights(output, state, files[0].unet_config, files[0].diffusion_config, files[0].provenance)
     build_model(read_weights(output))
     print(f"{output}: {len(state)} tensors, {output.stat().st_size / 2**20:.1f} MiB")
+
+
+# -- sampled: how often a model's sampled mouths are noise (GPU or CPU, from the pack alone) -------------------------
+
+NOISY = 0.02  # masked error of a noisy mouth (reference model: noisy ones 0.034-0.31, the rest 0.0003-0.0196)
+
+
+def sampled(work: Path, model_path: Path, frames: int, draws: int, steps: int, sampler: str) -> None:
+    """Sample `frames` held-out frames (evenly spread, true previous and identity frames, own audio, as the training
+    strips) `draws` times each from fresh noise, and print each sample's masked error against the original and how
+    many are noisy mouths (error > NOISY). One-step validation error does not show this; sampling does."""
+    import time
+
+    import torch
+
+    from talkedit.diffusion import sample_frames
+    from talkedit.pack import Split, read_pack
+    from talkedit.train import TrainingData, evaluation_set
+    from talkedit.weights import load_model
+
+    pack = read_pack(_pack_path(work))
+    held = np.isin(pack.clip, held_out_clips(pack, work))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = TrainingData(pack, Split(np.flatnonzero(~held), np.flatnonzero(held), {}), device, 1.0)
+    index, identity = evaluation_set(data, frames)
+    index, identity = np.tile(index, draws), np.tile(identity, draws)
+    model = load_model(model_path, device=device, dtype=torch.float32)
+    target, mask = data.images(index), data.mask(index)
+    generators = [torch.Generator().manual_seed(k) for k in range(len(index))]
+    start = time.perf_counter()
+    out = sample_frames(model, target, mask, data.images(data.previous[index]), data.images(identity),
+                        data.audio(index), sampler=sampler, steps=steps, generator=generators)  # fmt: skip
+    seconds = time.perf_counter() - start
+    errors = (((out - target) ** 2 * mask).sum(dim=(1, 2, 3)) / (3 * mask.sum(dim=(1, 2, 3)))).cpu().numpy()
+    print(
+        f"{model_path}: {sampler} {steps} steps, {frames} held-out frames x {draws} draws, {seconds:.0f} s on {device}"
+    )
+    for d in range(draws):
+        print(f"draw {d}: " + " ".join(f"{e:.4f}" for e in errors[d * frames : (d + 1) * frames]))
+    noisy = int((errors > NOISY).sum())
+    print(f"noisy mouths (masked error > {NOISY}): {noisy} of {len(errors)}; median error {np.median(errors):.4f}")
+
+
+def _pack_path(work: Path) -> Path:
+    """WORK/grid-s1.pack, or WORK/held.pack (the held-out clips alone, enough for `sampled`) where that is all."""
+    full = work / "grid-s1.pack"
+    return full if full.exists() or not (work / "held.pack").exists() else work / "held.pack"
 
 
 # -- dubs: on the GPU, from the pack alone ------------------------------------------------------------------------
@@ -454,6 +505,7 @@ def main() -> None:
     p.add_argument("--arch", default="dve", help="dve (the paper's UNet) or small (to try the stage on a CPU)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--probe-steps", type=int, default=40)
+    p.add_argument("--prediction", choices=["eps", "v"], default="eps", help="eps: the paper's; v: see diffusion.py")
     p = sub.add_parser("half")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -463,6 +515,12 @@ def main() -> None:
     p = sub.add_parser("eval")
     p.add_argument("--group", type=int, default=GROUP, help="held-out clips per evaluated video")
     p.add_argument("--clips", type=int, help="only the first N held-out clips (as dubbed)")
+    p = sub.add_parser("sampled")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--frames", type=int, default=6, help="held-out frames, evenly spread")
+    p.add_argument("--draws", type=int, default=2, help="samples of each frame, each from its own noise")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p = sub.add_parser("dubs")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, help="where the dubbed crops go (default: WORK/dubs)")
@@ -478,7 +536,9 @@ def main() -> None:
         if not args.resume and not args.minutes:
             parser.error("a new run needs --minutes")
         train(args.work, args.minutes, args.time_limit, args.resume, args.eval_every, arch=args.arch,
-              batch=args.batch, probe_steps=args.probe_steps)  # fmt: skip
+              batch=args.batch, probe_steps=args.probe_steps, prediction=args.prediction)  # fmt: skip
+    elif args.stage == "sampled":
+        sampled(args.work, args.model, args.frames, args.draws, args.steps, args.sampler)
     elif args.stage == "half":
         half(args.model, args.out)
     elif args.stage == "join":

@@ -3,10 +3,12 @@
     python benchmarks/sampler.py                      # CUDA when present, else CPU with a few frames
     python benchmarks/sampler.py --device cpu --frames 1
     python benchmarks/sampler.py --compile reduce-overhead --channels-last   # CUDA graphs through torch.compile
+    python benchmarks/sampler.py --profile 5          # also: where the defaults' time goes (torch.profiler)
 
 Uses the full-size UNet (the official multi-speaker config) with random weights: speed does not depend on the values.
 Each setting runs in its own process, so peak memory (CUDA: max allocated; CPU: peak RSS) is that setting's alone.
-Prints seconds per generated frame, peak memory, and the speed-up of the defaults over the paper's settings.
+Prints seconds per generated frame, peak memory, the UNet's achieved TFLOP/s (its FLOPs counted once, on the CPU),
+and the speed-up of the defaults over the paper's settings.
 """
 
 from __future__ import annotations
@@ -17,6 +19,34 @@ import resource
 import subprocess
 import sys
 import time
+
+
+def unet_flops() -> float:
+    """FLOPs of one UNet call on one frame (official config), counted on the CPU (about a second)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from talkedit.unet import UNet, UNetConfig
+
+    model = UNet(UNetConfig()).eval()
+    inputs = torch.zeros(1, 9, 128, 128), torch.full((1,), 0.5), torch.zeros(1, 1024)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(*inputs)
+    return float(counter.get_total_flops())
+
+
+def profile_table(sample, steps: int, cuda: bool) -> str:
+    """torch.profiler over `steps` sampling steps: the 25 operators that take the most (device) time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        sample(steps)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=25)
 
 
 def run_setting(setting: dict) -> dict:
@@ -66,7 +96,8 @@ def run_setting(setting: dict) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     seconds = time.perf_counter() - start
-    return {**setting, "frames_done": rounds * batch, "seconds": seconds, "peak_mib": peak}
+    profile = profile_table(sample, setting["profile"], device.type == "cuda") if setting.get("profile") else None
+    return {**setting, "frames_done": rounds * batch, "seconds": seconds, "peak_mib": peak, "profile": profile}
 
 
 def run_shot(setting: dict) -> dict:
@@ -127,6 +158,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="chains per UNet call (default: 16 on CUDA, 2 on CPU)")
     parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="profile this many sampling steps of the defaults and print the top operators",
+    )
     parser.add_argument("--shot", type=float, help="instead: time dub's generate stage on a shot this long (s)")
     parser.add_argument("--chain-seconds", type=float, nargs="+", default=[5.0], help="with --shot: chain lengths")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -152,13 +190,14 @@ def main() -> None:
          "frames": max(1, frames // batch)},
         # talkedit: DDIM, B independent chains per UNet call, fp16 autocast on CUDA.
         {**common, "name": "talkedit", "sampler": "ddim", "steps": args.steps, "batch": batch, "fp16": cuda,
-         "frames": frames},
+         "frames": frames, "profile": args.profile},
     ]  # fmt: skip
 
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; "
           f"threads {torch.get_num_threads()}; compile {args.compile}; channels_last {args.channels_last}")  # fmt: skip
     header = f"{'setting':<10} {'sampler':<7} {'steps':>5} {'batch':>5} {'precision':<9} {'frames':>6} "
-    print(header + f"{'s/frame':>9} {'peak MiB':>9}")
+    print(header + f"{'s/frame':>9} {'peak MiB':>9} {'TFLOP/s':>8}")
+    flops = unet_flops()
     results = []
     for setting in settings:
         out = subprocess.run(
@@ -172,9 +211,12 @@ def main() -> None:
         precision = "fp16" if r["fp16"] else "fp32"
         print(
             f"{r['name']:<10} {r['sampler']:<7} {r['steps']:>5} {r['batch']:>5} {precision:<9} {r['frames_done']:>6} "
-            f"{r['s_per_frame']:>9.3f} {r['peak_mib']:>9.0f}"
+            f"{r['s_per_frame']:>9.3f} {r['peak_mib']:>9.0f} {flops * r['steps'] / r['s_per_frame'] / 1e12:>8.2f}"
         )
     official, ours = results
+    print(f"UNet: {flops / 1e9:.1f} GFLOP per frame per step (one call on one 128x128 frame)")
+    if ours["profile"]:
+        print(f"profile of {args.profile} steps of the talkedit setting:\n{ours['profile']}")
     speedup = official["s_per_frame"] / ours["s_per_frame"]
     print(f"speed-up of talkedit defaults over the official settings: {speedup:.1f}x")
 

@@ -461,6 +461,13 @@ def train(
         Optional[float],  # noqa: UP045
         typer.Option(min=0, max=1, help="Dropout in the UNet's residual blocks (default: the model's, 0.1)."),
     ] = None,
+    prediction: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="What the UNet learns to output: eps (the paper) or v, steadier from pure noise (default: eps "
+            "from scratch, the initial model's when fine-tuning)."
+        ),
+    ] = None,
     ema: Annotated[
         bool, typer.Option("--ema/--no-ema", help="Write the EMA weights (default) or the raw ones.")
     ] = True,
@@ -513,7 +520,8 @@ def train(
     recipe = Recipe(lr=lr, warmup=warmup, ema_decay=ema_decay, min_snr_gamma=min_snr_gamma,
                     audio_dropout=audio_dropout, previous_aug=previous_aug, jitter=jitter)  # fmt: skip
     options = TrainOptions(
-        steps=steps, batch=batch, recipe=recipe, arch=ARCHITECTURES[arch], init=init, dropout=dropout, seed=seed,
+        steps=steps, batch=batch, recipe=recipe, arch=ARCHITECTURES[arch], init=init, dropout=dropout,
+        prediction=prediction, seed=seed,
         device=device, eval_samples=eval_samples,
         precision=precision, compile=compile_model, channels_last=channels_last, eval_every=eval_every,
         checkpoint_every=checkpoint_every, time_limit=time_limit, ema=ema, val_fraction=val_fraction,

@@ -5,12 +5,18 @@ Glossary (code name -> paper notation; the official code's name in brackets):
     alpha_bar        ᾱ_t = Π_{s<=t} (1 - β_s)  [gammas]   also the UNet's noise-level input
     alpha_bar_prev   ᾱ_{t-1}, with ᾱ_{-1} = 1  [gammas_prev]
     x_t              the noisy masked target at step t (y_t in the official code)
-    eps              ε, the noise the UNet predicts
+    eps              ε, the noise the UNet predicts (or derived from its v, see below)
+    v                v = √ᾱ ε - √(1-ᾱ) x_0, what a v-prediction UNet predicts (Salimans & Ho 2022)
     x0_pred          x̂_0, the clean target implied by x_t and ε, clamped to [-1, 1]
 
 Steps are indexed t = T-1 ... 0 over a schedule of T steps. Because the UNet is conditioned on the continuous ᾱ and
 not on t, a schedule of any length T is the same cosine curve sampled more or less finely: T = 1000 is what the model
 was trained on, T = 100 is the paper's DDPM sampler, and DDIM with N steps walks the T = N schedule.
+
+The paper's UNet predicts ε. Where ᾱ is near 0 (the first steps from pure noise) x̂_0 = (x_t - √(1-ᾱ) ε)/√ᾱ
+multiplies any error in ε by 1/√ᾱ (about 500 at the first of 25 steps), so an ε-model must be very precise there.
+A model trained with `prediction = "v"` avoids this: x̂_0 = √ᾱ x_t - √(1-ᾱ) v. The samplers take ε either way
+(`eps_from_output`), so every step below is the same for both.
 
 Images are (B, 3, S, S) float in [-1, 1]; masks (B, 1, S, S) float, 1 = regenerate, 0 = keep.
 """
@@ -30,6 +36,8 @@ log = logging.getLogger("talkedit")
 
 Sampler = Literal["ddpm", "ddim"]
 SAMPLERS: tuple[Sampler, ...] = ("ddpm", "ddim")
+Prediction = Literal["eps", "v"]
+PREDICTIONS: tuple[Prediction, ...] = ("eps", "v")
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class DiffusionConfig:
     sampler: Sampler = "ddim"  # default sampler; the paper samples with "ddpm" over 100 steps
     steps: int = 50  # default number of sampling steps
     eta: float = 0.0  # default DDIM stochasticity: 0 deterministic, 1 = DDPM's ancestral variance
+    prediction: Prediction = "eps"  # what the UNet outputs: ε (the paper) or v = √ᾱ ε - √(1-ᾱ) x_0
 
     def __post_init__(self) -> None:
         for name in ("train_steps", "steps"):
@@ -57,6 +66,8 @@ class DiffusionConfig:
             raise ValueError(f"unknown noise schedule {self.schedule!r}; only 'cosine' is implemented")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -136,6 +147,27 @@ class NoiseSchedule:
         cpu = ("betas", "alpha_bar_f64")
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name not in cpu}
         return NoiseSchedule(betas=self.betas, alpha_bar_f64=self.alpha_bar_f64, **moved)
+
+
+def v_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """v = √ᾱ ε - √(1-ᾱ) x_0, the training target of a v-prediction model. alpha_bar: (B,); x0, eps: (B, C, H, W)."""
+    a = alpha_bar.reshape(-1, *[1] * (x0.dim() - 1))
+    return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def eps_from_output(
+    output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor | float, prediction: Prediction
+) -> torch.Tensor:
+    """ε from what the UNet outputs: itself for an ε-model, √ᾱ v + √(1-ᾱ) x_t for a v-model.
+
+    output, x_t: (B, C, H, W); alpha_bar: a float or (B,)."""
+    if prediction == "eps":
+        return output
+    if prediction != "v":
+        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    a = torch.as_tensor(alpha_bar, dtype=output.dtype, device=output.device)
+    a = a.reshape(-1, *[1] * (output.dim() - 1)) if a.dim() else a
+    return a.sqrt() * output + (1 - a).sqrt() * x_t
 
 
 def predict_x0(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
@@ -294,12 +326,13 @@ def sample_frames(
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             x = torch.cat([x_t, context], dim=1)
             if guidance == 1.0:
-                eps = model(x, gamma, audio).float()
+                out = model(x, gamma, audio).float()
             else:
                 dropped = torch.arange(2 * batch, device=device) >= batch
                 both = model(torch.cat([x, x]), gamma.repeat(2), audio.repeat(2, 1), dropped).float()
-                eps_audio, eps_none = both.chunk(2)
-                eps = eps_none + guidance * (eps_audio - eps_none)
+                out_audio, out_none = both.chunk(2)
+                out = out_none + guidance * (out_audio - out_none)  # linear, so the same for ε and v
+        eps = eps_from_output(out, x_t, float(schedule.alpha_bar_f64[t]), config.prediction)
         x_prev, x0_pred = step_fn(schedule, x_t, eps, t, randn(), eta=eta)
         # Known pixels go back to the clean original after every step, as in training (no re-noising).
         x_t = keep + mask * x_prev

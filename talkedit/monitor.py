@@ -11,7 +11,12 @@ from pathlib import Path
 import numpy as np
 
 PLOT_W, PLOT_H = 640, 240  # one panel
-COLOURS = {"loss": (40, 110, 220), "val_error": (30, 160, 60), "val_error_shifted": (220, 80, 40)}  # RGB
+COLOURS = {
+    "loss": (40, 110, 220),
+    "val_error": (30, 160, 60),
+    "val_error_shifted": (220, 80, 40),
+    "val_sampled_error": (150, 60, 170),
+}  # RGB
 
 
 class MetricsLog:
@@ -107,8 +112,12 @@ def plot_metrics(records: list[dict], path: Path) -> None:
     panels = [
         line_panel("training loss (smoothed)", {"loss": (loss[0], smooth)}, log_y=True),
         line_panel(
-            "validation masked error, one-step denoising" + last,
-            {"val_error": _series(records, "val_error"), "val_error_shifted": _series(records, "val_error_shifted")},
+            "validation masked error: one-step denoising, and sampled from noise" + last,
+            {
+                "val_error": _series(records, "val_error"),
+                "val_error_shifted": _series(records, "val_error_shifted"),
+                "val_sampled_error": _series(records, "val_sampled_error"),
+            },
             log_y=True,
         ),
     ]
@@ -127,20 +136,24 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def sample_strip(model, data, count: int, steps: int, path: Path) -> None:
+def sample_strip(model, data, count: int, steps: int, path: Path) -> list[float]:
     """Sample the mouth of `count` validation frames (true previous and identity frames, DDIM) and write a strip:
-    the originals above, the samples below. (256, 128·count, 3)."""
+    the originals above, the samples below. (256, 128·count, 3).
+
+    Returns each sample's masked error against its original (mean squared difference inside the mask, pixels in
+    [-1, 1], as `train.validation_error`). One-step denoising can score well while sampling from pure noise still
+    leaves noisy mouths; this is the number that shows it."""
     import torch
 
     from .diffusion import sample_frames
     from .train import evaluation_set
 
     index, identity = evaluation_set(data, count)
-    target = data.images(index)
+    target, mask = data.images(index), data.mask(index)
     out = sample_frames(
         model,
         target,
-        data.mask(index),
+        mask,
         data.images(data.previous[index]),
         data.images(identity),
         data.audio(index),
@@ -154,3 +167,5 @@ def sample_strip(model, data, count: int, steps: int, path: Path) -> None:
         return np.concatenate(list(images), axis=1)
 
     write_png(path, np.concatenate([to_uint8(target), to_uint8(out)], axis=0))
+    errors = ((out - target) ** 2 * mask).sum(dim=(1, 2, 3)) / (3 * mask.sum(dim=(1, 2, 3))).clamp(min=1)
+    return [float(e) for e in errors]

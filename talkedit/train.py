@@ -34,7 +34,7 @@ import torch
 
 from . import __version__
 from .augment import JITTER_PARAMS, PREVIOUS_PARAMS, previous_frame, shared_jitter
-from .diffusion import DiffusionConfig, NoiseSchedule
+from .diffusion import PREDICTIONS, DiffusionConfig, NoiseSchedule, eps_from_output, v_target
 from .errors import TalkeditError
 from .files import write_atomic
 from .pack import Pack, Split
@@ -102,6 +102,8 @@ class TrainOptions:
     arch: UNetConfig | None = None  # from scratch: the UNet (default: the paper's); ignored with init
     init: str | None = None  # start from these weights: a model name or a talkedit weights file
     dropout: float | None = None  # dropout inside the UNet's residual blocks (default: the model's, 0.1)
+    prediction: str | None = None  # what the UNet learns to output, "eps" (the paper) or "v"; None: eps from
+    #                                scratch, the initial model's when fine-tuning (saved with the weights)
     seed: int = 0
     device: str | None = None  # default: CUDA when available (the local rank's GPU under torchrun)
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" or "fp32"
@@ -111,7 +113,7 @@ class TrainOptions:
     checkpoint_every: int = 500
     log_every: int = 10
     eval_samples: int = 64  # validation frames scored at each evaluation
-    strip_frames: int = 6  # validation frames sampled for the PNG strip (0: none)
+    strip_frames: int = 6  # validation frames sampled for the PNG strip and val_sampled_error (0: none)
     strip_steps: int = 25  # DDIM steps for the strip
     time_limit: float | None = None  # minutes; stop at a checkpoint before this
     ema: bool = True  # write the EMA weights (False: the raw weights)
@@ -123,7 +125,7 @@ class TrainOptions:
         """What a resumed run must share with the run it continues."""
         return {"batch": self.batch, "recipe": asdict(self.recipe), "seed": self.seed, "init": self.init,
                 "arch": asdict(self.arch) if self.arch else None, "val_fraction": self.val_fraction,
-                "dropout": self.dropout}  # fmt: skip
+                "dropout": self.dropout, "prediction": self.prediction}  # fmt: skip
 
 
 @dataclass
@@ -343,17 +345,20 @@ def noise_levels(schedule: NoiseSchedule, u_step: torch.Tensor, u_level: torch.T
     return low + (high - low) * u_level
 
 
-def masked_loss(eps_pred: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, alpha_bar: torch.Tensor,
-                min_snr_gamma: float) -> torch.Tensor:  # fmt: skip
-    """ε-prediction loss on the masked region: per sample the mean squared error over the mask's pixels, weighted
-    by min(SNR, γ)/SNR with SNR = ᾱ/(1-ᾱ) (min-SNR-γ; γ = 0 gives weight 1), averaged over the batch.
+def masked_loss(output: torch.Tensor, goal: torch.Tensor, mask: torch.Tensor, alpha_bar: torch.Tensor,
+                min_snr_gamma: float, prediction: str = "eps") -> torch.Tensor:  # fmt: skip
+    """Loss on the masked region: per sample the mean squared error over the mask's pixels between the UNet's
+    output and its goal (ε, or v for a v-model), averaged over the batch.
 
-    eps_pred, eps: (B, 3, S, S); mask: (B, 1, S, S); alpha_bar: (B,). Returns a scalar."""
-    per_pixel = (eps_pred.float() - eps) ** 2 * mask
+    min-SNR-γ (Hang et al. 2023; γ = 0 gives weight 1) weights each sample by min(SNR, γ)/SNR for ε and
+    min(SNR, γ)/(SNR + 1) for v, SNR = ᾱ/(1-ᾱ): both are the same weight min(SNR, γ) on the error of x̂_0.
+
+    output, goal: (B, 3, S, S); mask: (B, 1, S, S); alpha_bar: (B,). Returns a scalar."""
+    per_pixel = (output.float() - goal) ** 2 * mask
     per_sample = per_pixel.sum(dim=(1, 2, 3)) / (3 * mask.sum(dim=(1, 2, 3))).clamp(min=1)
     if min_snr_gamma > 0:
         snr = alpha_bar / (1 - alpha_bar)
-        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
+        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / (snr if prediction == "eps" else snr + 1)
     return per_sample.mean()
 
 
@@ -419,9 +424,18 @@ class Trainer:
         self.init_provenance: dict = {"from": "scratch"}
         if options.init:
             self.model, self.diffusion, self.init_provenance = _initial_weights(options.init)
+            if options.prediction not in (None, self.diffusion.prediction):
+                raise TrainError(
+                    f"--prediction {options.prediction}: {options.init} predicts {self.diffusion.prediction}; "
+                    "fine-tune it as it is (leave out --prediction), or train a new model from scratch."
+                )
         else:
             torch.manual_seed(_torch_seed(options.seed, 0))  # the initial weights follow the seed
-            self.model, self.diffusion = new_model(options.arch or UNetConfig()), DiffusionConfig()
+            prediction = options.prediction or "eps"
+            if prediction not in PREDICTIONS:
+                raise TrainError(f"--prediction {prediction}: choose {' or '.join(PREDICTIONS)}.")
+            self.model = new_model(options.arch or UNetConfig())
+            self.diffusion = DiffusionConfig(prediction=prediction)
         if options.dropout is not None:
             self.model = _with_dropout(self.model, options.dropout)
         self.config = self.model.config
@@ -519,8 +533,10 @@ class Trainer:
 
         torch.manual_seed(_torch_seed(options.seed, 4, step, self.processes.rank))  # dropout inside the UNet
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            eps_pred = self.network(x, alpha_bar, data.audio(mine), dropped)
-        loss = masked_loss(eps_pred, eps, mask, alpha_bar, recipe.min_snr_gamma)
+            output = self.network(x, alpha_bar, data.audio(mine), dropped)
+        prediction = self.diffusion.prediction
+        goal = eps if prediction == "eps" else v_target(target, eps, alpha_bar)
+        loss = masked_loss(output, goal, mask, alpha_bar, recipe.min_snr_gamma, prediction)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grad_clip > 0:
@@ -718,13 +734,16 @@ class Trainer:
 
             model = self.output_model()
             result = {"step": self.step, **validation_error(model, self.data, self.options.eval_samples)}
+            self._val_note = f"val {result['val_error']:.4f}  audio-shift ratio {result['audio_ratio']:.3f}"
+            if self.options.strip_frames > 0:
+                errors = sample_strip(model, self.data, self.options.strip_frames, self.options.strip_steps,
+                                      self.workdir / f"samples-{self.step:07d}.png")  # fmt: skip
+                result["val_sampled_error"] = float(np.mean(errors))
+                result["val_sampled_error_by_frame"] = errors
+                self._val_note += f"  sampled {result['val_sampled_error']:.4f}"
             if metrics is not None:
                 metrics.write(result)
                 plot_metrics(metrics.records, self.workdir / "train.png")
-            if self.options.strip_frames > 0:
-                sample_strip(model, self.data, self.options.strip_frames, self.options.strip_steps,
-                             self.workdir / f"samples-{self.step:07d}.png")  # fmt: skip
-            self._val_note = f"val {result['val_error']:.4f}  audio-shift ratio {result['audio_ratio']:.3f}"
             self.progress("train", self.step, self.steps, self._val_note)
         self.processes.barrier()
         return result
@@ -747,6 +766,7 @@ def validation_error(model: UNet, data: TrainingData, count: int) -> dict:
     the true audio: about 1.0 when the model ignores the audio, above 1 when it listens.
     """
     device = next(model.parameters()).device
+    prediction = getattr(model, "diffusion", DiffusionConfig()).prediction
     index, identity = evaluation_set(data, count)
     schedule = NoiseSchedule.cosine(1000)
     gen = torch.Generator().manual_seed(1234)
@@ -761,8 +781,9 @@ def validation_error(model: UNet, data: TrainingData, count: int) -> dict:
         x = torch.cat([noisy * mask + (1 - mask) * target, previous, ident], dim=1)
         gamma = torch.full((len(index),), a, device=device)
         for name, audio in audios.items():
-            eps_pred = torch.cat([model(x[i : i + 16], gamma[i : i + 16], audio[i : i + 16]).float()
-                                  for i in range(0, len(index), 16)])  # fmt: skip
+            output = torch.cat([model(x[i : i + 16], gamma[i : i + 16], audio[i : i + 16]).float()
+                                for i in range(0, len(index), 16)])  # fmt: skip
+            eps_pred = eps_from_output(output, x[:, :3], a, prediction)
             x0 = ((x[:, :3] - math.sqrt(1 - a) * eps_pred) / math.sqrt(a)).clamp(-1, 1)
             err = ((x0 - target) ** 2 * mask).sum(dim=(1, 2, 3)) / (3 * mask.sum(dim=(1, 2, 3))).clamp(min=1)
             errors[name][t] = float(err.mean())

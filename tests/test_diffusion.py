@@ -9,7 +9,10 @@ from talkedit.diffusion import (
     StepInfo,
     ddim_step,
     ddpm_step,
+    eps_from_output,
+    predict_x0,
     sample_frames,
+    v_target,
 )
 
 from .common import TINY, random_tiny_model
@@ -245,3 +248,54 @@ def test_dropped_audio_is_a_zero_audio_embedding():
     torch.testing.assert_close(dropped[0], other_audio[0])  # no audio at all: what it was does not matter
     torch.testing.assert_close(dropped[1], kept[1])
     assert not torch.allclose(dropped[0], kept[0])
+
+
+def test_v_prediction_gives_back_the_noise_and_the_clean_image():
+    """x_t = √ᾱ x_0 + √(1-ᾱ) ε and v = √ᾱ ε - √(1-ᾱ) x_0: from v and x_t come ε and then x_0, at every level the
+    samplers visit (ᾱ from about 1e-6 to 0.99)."""
+    schedule = NoiseSchedule.cosine(50)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(50, 3, 8, 8, generator=g) * 2 - 1
+    eps = torch.randn(50, 3, 8, 8, generator=g)
+    a = schedule.alpha_bar
+    x_t = a.sqrt()[:, None, None, None] * x0 + (1 - a).sqrt()[:, None, None, None] * eps
+    v = v_target(x0, eps, a)
+    torch.testing.assert_close(eps_from_output(v, x_t, a, "v"), eps, atol=1e-5, rtol=0)
+    assert torch.equal(eps_from_output(v, x_t, a, "eps"), v)  # an ε-model's output is ε
+    for t in (0, 25, 48):  # x̂_0 through the samplers' own formula; at t = 49 (ᾱ ~ 1e-7) x_0 is not recoverable
+        torch.testing.assert_close(predict_x0(schedule, x_t[t : t + 1], eps[t : t + 1], t), x0[t : t + 1],
+                                   atol=2e-3, rtol=0)  # fmt: skip
+    with pytest.raises(ValueError, match="prediction"):
+        eps_from_output(v, x_t, a, "x0")
+
+
+class Oracle(torch.nn.Module):
+    """A perfect denoiser for one known clean image: it outputs the exact ε, or v, of its input."""
+
+    def __init__(self, y0: torch.Tensor, prediction: str) -> None:
+        super().__init__()
+        self.y0, self.weight = y0, torch.nn.Parameter(torch.zeros(1))
+        self.diffusion = DiffusionConfig(prediction=prediction)
+
+    def forward(self, x, gamma, audio, audio_dropped=None):
+        a = gamma[:, None, None, None]
+        eps = (x[:, :3] - a.sqrt() * self.y0) / (1 - a).sqrt()
+        return eps if self.diffusion.prediction == "eps" else v_target(self.y0, eps, gamma)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_a_perfect_denoiser_samples_the_clean_image_whatever_it_predicts(prediction, sampler):
+    y0, mask, previous, identity, audio = frame_inputs()
+    model = Oracle(y0, prediction)
+    out = sample_frames(model, y0 * 0, mask, previous, identity, audio, sampler=sampler, steps=25)
+    inside = mask.expand_as(y0) == 1
+    torch.testing.assert_close(out[inside], y0[inside], atol=1e-3, rtol=0)
+
+
+def test_the_prediction_is_part_of_the_config_and_old_configs_read_as_eps():
+    config = DiffusionConfig(prediction="v")
+    assert DiffusionConfig.from_json(config.to_json()) == config
+    assert DiffusionConfig.from_json('{"sampler": "ddim", "steps": 50}').prediction == "eps"
+    with pytest.raises(ValueError, match="prediction"):
+        DiffusionConfig(prediction="x0")

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
 from talkedit.pack import MEL_STEP, build_pack, read_pack, split_pack
-from talkedit.train import SMALL, Recipe, Trainer, TrainingData, TrainOptions, masked_loss, train
+from talkedit.train import SMALL, Recipe, Trainer, TrainError, TrainingData, TrainOptions, masked_loss, train
 from talkedit.unet import UNetConfig
 
 from .common import REPO, media, run_talkedit
@@ -136,6 +136,20 @@ def test_masked_loss_counts_only_the_mask_and_weights_by_min_snr():
     alpha_bar = torch.tensor([0.5, 0.99])  # SNR 1 and 99
     assert masked_loss(pred, eps, mask, alpha_bar, 0) == pytest.approx(1.0)
     assert masked_loss(pred, eps, mask, alpha_bar, 5.0) == pytest.approx((1 + 5 / 99) / 2)
+    assert masked_loss(pred, eps, mask, alpha_bar, 5.0, "v") == pytest.approx((1 / 2 + 5 / 100) / 2)  # γ/(SNR+1)
+
+
+def test_a_v_prediction_model_trains_validates_and_says_what_it_predicts(two_clips, tmp_path):
+    from talkedit.weights import load_model
+
+    options = TrainOptions(steps=3, batch=2, arch=TEST_ARCH, prediction="v", eval_every=3, eval_samples=4,
+                           strip_frames=2, strip_steps=2)  # fmt: skip
+    result = train([two_clips], tmp_path / "v.safetensors", options)
+    assert load_model(result.output, device="cpu").diffusion.prediction == "v"
+    assert np.isfinite(result.last_eval["val_error"]) and np.isfinite(result.last_eval["val_sampled_error"])
+    fine = TrainOptions(steps=1, batch=2, init=str(result.output), prediction="eps", eval_every=0)
+    with pytest.raises(TrainError, match="predicts v"):
+        train([two_clips], tmp_path / "eps.safetensors", fine)
 
 
 def test_a_few_hundred_steps_learn_to_denoise_the_held_out_clip(two_clips, tmp_path):
@@ -149,6 +163,9 @@ def test_a_few_hundred_steps_learn_to_denoise_the_held_out_clip(two_clips, tmp_p
     evals = [r for r in records if "val_error" in r]
     assert [r["step"] for r in evals] == [0, 200]
     assert evals[1]["val_error"] < 0.5 * evals[0]["val_error"], evals
+    # Sampled from pure noise too: the untrained model (ε = 0) leaves saturated noise in the mask.
+    assert [len(r["val_sampled_error_by_frame"]) for r in evals] == [3, 3]
+    assert evals[1]["val_sampled_error"] < 0.5 * evals[0]["val_sampled_error"], evals
     assert (result.workdir / "train.png").is_file() and (result.workdir / "samples-0000200.png").is_file()
     model = load_model(result.output, device="cpu")
     assert model.config == TEST_ARCH
