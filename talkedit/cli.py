@@ -549,7 +549,10 @@ def train(
     if quiet:
         return
     last = result.last_eval
-    scores = f" Validation error {last['val_error']:.4f}, audio-shift ratio {last['audio_ratio']:.3f}." if last else ""
+    scores = f" Validation error {last['val_error']:.4f}, audio-shift ratio {last['audio_ratio']:.3f}" if last else ""
+    if last and "val_sampled_error" in last:
+        scores += f", sampled mouths {last['val_sampled_error']:.4f}"
+    scores += "." if last else ""
     stderr.print(
         f"[bold green]Done[/]: {result.steps_done} steps in {result.seconds:.0f} s.{scores}\n"
         f"Model: [bold]{escape(str(result.output))}[/]  (curves: {escape(str(result.workdir / 'train.png'))})",

@@ -709,9 +709,9 @@ class Trainer:
             raise TrainError(f"{path}: a checkpoint of another talkedit version; start a new run in another folder.")
         if state["pack_sha256"] != self.pack.sha256:
             raise TrainError(f"{path}: this checkpoint was trained on other data; give the same videos or pack.")
-        if state["identity"] != self.options.identity():
-            theirs, ours = state["identity"], self.options.identity()
-            changed = ", ".join(k for k in ours if ours[k] != theirs.get(k))
+        theirs, ours = state["identity"], self.options.identity()
+        changed = ", ".join(k for k in ours if ours[k] != theirs.get(k))  # a setting newer than the run reads as None
+        if changed:
             raise TrainError(f"{path}: this checkpoint was trained with other settings ({changed}); use the same ones.")
         if self.options.steps is None:  # the run's own length, not the default for its data
             self._set_steps(state["steps"])

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,19 @@ def test_sigterm_saves_a_checkpoint_and_resuming_ends_where_an_uninterrupted_run
     assert resumed.returncode == 0, resumed.stderr
     wa, wb = _weights(tmp_path / "whole.safetensors"), _weights(out)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit for bit
+
+
+def test_a_checkpoint_without_a_newer_setting_resumes_but_one_with_another_value_does_not(two_clips, tmp_path):
+    """Settings added to TrainOptions later (here `prediction`) read as their default in older checkpoints."""
+    options = TrainOptions(steps=4, batch=2, arch=TEST_ARCH, eval_every=0, checkpoint_every=100)
+    cut = train([two_clips], tmp_path / "m.safetensors", replace(options, time_limit=1e-4))
+    checkpoint = cut.workdir / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    del state["identity"]["prediction"]
+    torch.save(state, checkpoint)
+    with pytest.raises(TrainError, match=r"other settings \(prediction\)"):
+        train([two_clips], tmp_path / "m.safetensors", replace(options, resume=True, prediction="v"))
+    assert train([two_clips], tmp_path / "m.safetensors", replace(options, resume=True)).steps_done == 4
 
 
 def test_time_limit_stops_at_a_checkpoint_and_the_resumed_run_is_the_uninterrupted_one(two_clips, tmp_path):
