@@ -464,8 +464,8 @@ def train(
     prediction: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
-            help="What the UNet learns to output: eps (the paper) or v, steadier from pure noise (default: eps "
-            "from scratch, the initial model's when fine-tuning)."
+            help="What the UNet learns to output: eps (the paper) or v, whose clean-image estimate does not divide "
+            "by √ᾱ (default: eps from scratch, the initial model's when fine-tuning)."
         ),
     ] = None,
     ema: Annotated[
@@ -473,6 +473,9 @@ def train(
     ] = True,
     eval_every: Annotated[int, typer.Option(min=0, help="Validate every N steps (0: never).")] = 500,
     eval_samples: Annotated[int, typer.Option(min=1, help="Validation frames scored each time.")] = 64,
+    strip_frames: Annotated[
+        int, typer.Option(min=0, help="Validation mouths sampled from noise each time (the strip; 0: none).")
+    ] = 6,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Save a checkpoint every N steps.")] = 500,
     time_limit: Annotated[
         Optional[float],  # noqa: UP045
@@ -522,7 +525,7 @@ def train(
     options = TrainOptions(
         steps=steps, batch=batch, recipe=recipe, arch=ARCHITECTURES[arch], init=init, dropout=dropout,
         prediction=prediction, seed=seed,
-        device=device, eval_samples=eval_samples,
+        device=device, eval_samples=eval_samples, strip_frames=strip_frames,
         precision=precision, compile=compile_model, channels_last=channels_last, eval_every=eval_every,
         checkpoint_every=checkpoint_every, time_limit=time_limit, ema=ema, val_fraction=val_fraction,
         workdir=str(workdir) if workdir else None, resume=resume,

@@ -75,4 +75,5 @@ def run_talkedit(*args: str, env: dict[str, str] | None = None, **popen) -> subp
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "talkedit"]
     inherited = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     full_env = {**inherited, "COLUMNS": "300", **(env or {})}
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=full_env, timeout=300, **popen)
+    popen.setdefault("timeout", 300)
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=full_env, **popen)
