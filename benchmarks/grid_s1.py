@@ -198,7 +198,7 @@ def sampled(work: Path, model_path: Path, frames: int, draws: int, steps: int, s
 
     from talkedit.diffusion import sample_frames
     from talkedit.pack import Split, read_pack
-    from talkedit.train import TrainingData, evaluation_set
+    from talkedit.train import TrainingData, evaluation_set, masked_error
     from talkedit.weights import load_model
 
     pack = read_pack(_pack_path(work))
@@ -214,7 +214,7 @@ def sampled(work: Path, model_path: Path, frames: int, draws: int, steps: int, s
     out = sample_frames(model, target, mask, data.images(data.previous[index]), data.images(identity),
                         data.audio(index), sampler=sampler, steps=steps, generator=generators)  # fmt: skip
     seconds = time.perf_counter() - start
-    errors = (((out - target) ** 2 * mask).sum(dim=(1, 2, 3)) / (3 * mask.sum(dim=(1, 2, 3)))).cpu().numpy()
+    errors = masked_error(out, target, mask).cpu().numpy()
     print(
         f"{model_path}: {sampler} {steps} steps, {frames} held-out frames x {draws} draws, {seconds:.0f} s on {device}"
     )

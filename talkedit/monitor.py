@@ -146,7 +146,7 @@ def sample_strip(model, data, count: int, steps: int, path: Path) -> list[float]
     import torch
 
     from .diffusion import sample_frames
-    from .train import evaluation_set
+    from .train import evaluation_set, masked_error
 
     index, identity = evaluation_set(data, count)
     target, mask = data.images(index), data.mask(index)
@@ -167,5 +167,4 @@ def sample_strip(model, data, count: int, steps: int, path: Path) -> list[float]
         return np.concatenate(list(images), axis=1)
 
     write_png(path, np.concatenate([to_uint8(target), to_uint8(out)], axis=0))
-    errors = ((out - target) ** 2 * mask).sum(dim=(1, 2, 3)) / (3 * mask.sum(dim=(1, 2, 3))).clamp(min=1)
-    return [float(e) for e in errors]
+    return [float(e) for e in masked_error(out, target, mask)]

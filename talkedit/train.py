@@ -345,6 +345,12 @@ def noise_levels(schedule: NoiseSchedule, u_step: torch.Tensor, u_level: torch.T
     return low + (high - low) * u_level
 
 
+def masked_error(x: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sample, the mean squared difference over the mask's pixels and channels. x, target: (B, C, S, S); mask:
+    (B, 1, S, S) in {0, 1}. Returns (B,)."""
+    return ((x.float() - target) ** 2 * mask).sum(dim=(1, 2, 3)) / (x.shape[1] * mask.sum(dim=(1, 2, 3))).clamp(min=1)
+
+
 def masked_loss(output: torch.Tensor, goal: torch.Tensor, mask: torch.Tensor, alpha_bar: torch.Tensor,
                 min_snr_gamma: float, prediction: str = "eps") -> torch.Tensor:  # fmt: skip
     """Loss on the masked region: per sample the mean squared error over the mask's pixels between the UNet's
@@ -354,8 +360,7 @@ def masked_loss(output: torch.Tensor, goal: torch.Tensor, mask: torch.Tensor, al
     min(SNR, γ)/(SNR + 1) for v, SNR = ᾱ/(1-ᾱ): both are the same weight min(SNR, γ) on the error of x̂_0.
 
     output, goal: (B, 3, S, S); mask: (B, 1, S, S); alpha_bar: (B,). Returns a scalar."""
-    per_pixel = (output.float() - goal) ** 2 * mask
-    per_sample = per_pixel.sum(dim=(1, 2, 3)) / (3 * mask.sum(dim=(1, 2, 3))).clamp(min=1)
+    per_sample = masked_error(output, goal, mask)
     if min_snr_gamma > 0:
         snr = alpha_bar / (1 - alpha_bar)
         per_sample = per_sample * snr.clamp(max=min_snr_gamma) / (snr if prediction == "eps" else snr + 1)
@@ -785,8 +790,7 @@ def validation_error(model: UNet, data: TrainingData, count: int) -> dict:
                                 for i in range(0, len(index), 16)])  # fmt: skip
             eps_pred = eps_from_output(output, x[:, :3], a, prediction)
             x0 = ((x[:, :3] - math.sqrt(1 - a) * eps_pred) / math.sqrt(a)).clamp(-1, 1)
-            err = ((x0 - target) ** 2 * mask).sum(dim=(1, 2, 3)) / (3 * mask.sum(dim=(1, 2, 3))).clamp(min=1)
-            errors[name][t] = float(err.mean())
+            errors[name][t] = float(masked_error(x0, target, mask).mean())
     true, shifted = np.mean(list(errors["true"].values())), np.mean(list(errors["shifted"].values()))
     return {
         "val_error": float(true),
