@@ -232,9 +232,10 @@ def sampled(work: Path, model_path: Path, frames: int, draws: int, steps: int, s
 
 
 def _pack_path(work: Path) -> Path:
-    """WORK/grid-s1.pack, or WORK/held.pack (`pack --held-out-only`: enough for `sampled`) where that is all."""
-    full = work / "grid-s1.pack"
-    return full if full.exists() or not (work / "held.pack").exists() else work / "held.pack"
+    """The pack to read the held-out clips from: WORK/held.pack where there is one (`pack --held-out-only`; it
+    decodes in seconds, the whole pack in about a minute), else WORK/grid-s1.pack."""
+    held = work / "held.pack"
+    return held if held.exists() else work / "grid-s1.pack"
 
 
 # -- dubs: on the GPU, from the pack alone ------------------------------------------------------------------------
@@ -325,7 +326,7 @@ def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_step
     from talkedit.weights import build_model, read_weights
 
     out.mkdir(parents=True, exist_ok=True)
-    pack = read_pack(work / "grid-s1.pack")
+    pack = read_pack(_pack_path(work))
     clips = held_out_clips(pack, work)[:count]
     partner = clips[1:] + clips[:1]
     rows, _, _ = held_out_frames(pack, clips, clips)
@@ -391,7 +392,7 @@ def evaluate_held_out(work: Path, group: int = GROUP, count: int | None = None) 
     from talkedit.media import VideoWriter, decode_speech, iter_yuv_frames, read_audio, write_image
     from talkedit.pack import read_pack
 
-    pack = read_pack(work / "grid-s1.pack")
+    pack = read_pack(_pack_path(work))
     clips = held_out_clips(pack, work)[:count]
     rows, _, _ = held_out_frames(pack, clips, clips)
     base = pack.crops[rows]

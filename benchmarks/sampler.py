@@ -58,7 +58,8 @@ def run_setting(setting: dict) -> dict:
 
     device = torch.device(setting["device"])
     torch.manual_seed(0)
-    model = UNet(UNetConfig()).eval().to(device)
+    # As `dub` loads it: fp16 weights when sampling in fp16.
+    model = UNet(UNetConfig()).eval().to(device, torch.float16 if setting["fp16"] else torch.float32)
     model.diffusion = DiffusionConfig()
     if setting["channels_last"]:
         model = model.to(memory_format=torch.channels_last)

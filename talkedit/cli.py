@@ -457,6 +457,13 @@ def train(
     jitter: Annotated[
         float, typer.Option(min=0, max=1, help="Fraction of samples shifted and re-lit as a whole.")
     ] = 0.3,
+    shuffle_audio: Annotated[
+        bool,
+        typer.Option(
+            help="A control run: each sample hears another sample's audio, so the model cannot learn lip sync; "
+            "its sync scores are what a model gets without following the speech."
+        ),
+    ] = False,
     dropout: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(min=0, max=1, help="Dropout in the UNet's residual blocks (default: the model's, 0.1)."),
@@ -521,7 +528,8 @@ def train(
     if arch not in ARCHITECTURES:
         raise TalkeditError(f"--arch {arch!r}: choose {' or '.join(ARCHITECTURES)}.")
     recipe = Recipe(lr=lr, warmup=warmup, ema_decay=ema_decay, min_snr_gamma=min_snr_gamma,
-                    audio_dropout=audio_dropout, previous_aug=previous_aug, jitter=jitter)  # fmt: skip
+                    audio_dropout=audio_dropout, previous_aug=previous_aug, jitter=jitter,
+                    shuffle_audio=shuffle_audio)  # fmt: skip
     options = TrainOptions(
         steps=steps, batch=batch, recipe=recipe, arch=ARCHITECTURES[arch], init=init, dropout=dropout,
         prediction=prediction, seed=seed,

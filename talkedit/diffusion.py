@@ -196,9 +196,15 @@ def ddpm_step(
 
 
 def ddim_step(
-    schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int, noise: torch.Tensor, eta: float = 0.0
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: int,
+    noise: torch.Tensor | None,
+    eta: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12). Returns (x_{t-1}, x̂_0).
+    """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12). Returns (x_{t-1}, x̂_0). `noise` may be None when
+    eta = 0 (the step is deterministic).
 
     ε is re-derived from the clamped x̂_0, so that with eta = 1 this is exactly `ddpm_step` on the same schedule.
     """
@@ -333,7 +339,9 @@ def sample_frames(
                 out_audio, out_none = both.chunk(2)
                 out = out_none + guidance * (out_audio - out_none)  # linear, so the same for ε and v
         eps = eps_from_output(out, x_t, float(schedule.alpha_bar_f64[t]), config.prediction)
-        x_prev, x0_pred = step_fn(schedule, x_t, eps, t, randn(), eta=eta)
+        # Deterministic DDIM (eta = 0) uses no noise: drawing it for B frames every step costs CPU time for nothing.
+        noise = randn() if sampler == "ddpm" or eta > 0 else None
+        x_prev, x0_pred = step_fn(schedule, x_t, eps, t, noise, eta=eta)
         # Known pixels go back to the clean original after every step, as in training (no re-noising).
         x_t = keep + mask * x_prev
         if callback is not None:

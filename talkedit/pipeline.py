@@ -114,7 +114,10 @@ def dub(
 
 
 def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progress, scratch: Path) -> DubResult:
+    import torch
+
     from .audio import SAMPLE_RATE, check_speech, frame_windows, mel_spectrogram
+    from .diffusion import resolve_precision
     from .weights import build_model, read_weights, resolve_weights_path
 
     started = time.perf_counter()
@@ -176,7 +179,8 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
 
     # 4. Sample.
     t = time.perf_counter()
-    model = build_model(weights).to(device)
+    # fp16 weights when sampling in fp16 (CUDA's default): autocast would otherwise cast every weight at every step.
+    model = build_model(weights).to(device, resolve_precision(device, options.fp16) or torch.float32)
     batch = options.batch or (16 if device.type == "cuda" else 1)
     chain_list = plan_chains(src, analysis.track, windows.mean(axis=(1, 2)), float(info.fps))
     log.info("model %s on %s; %d chains, up to %d at a time", weights_path, device, len(chain_list), batch)

@@ -73,6 +73,7 @@ class Recipe:
     previous_aug: float = 0.5  # fraction of previous frames warped, blurred and noised (augment.previous_frame)
     jitter: float = 0.3  # fraction of samples moved and re-lit as a whole (augment.shared_jitter)
     identity_gap: float = 1.0  # seconds between the target and its identity frame, at least
+    shuffle_audio: bool = False  # a control: each sample hears another sample's audio, so the speech tells nothing
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -537,8 +538,10 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
 
         torch.manual_seed(_torch_seed(options.seed, 4, step, self.processes.rank))  # dropout inside the UNet
+        # The shuffled-audio control hears the audio of a random sample of the same global batch instead of its own.
+        heard = rng.permutation(index)[lo:hi] if recipe.shuffle_audio else mine
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            output = self.network(x, alpha_bar, data.audio(mine), dropped)
+            output = self.network(x, alpha_bar, data.audio(heard), dropped)
         prediction = self.diffusion.prediction
         goal = eps if prediction == "eps" else v_target(target, eps, alpha_bar)
         loss = masked_loss(output, goal, mask, alpha_bar, recipe.min_snr_gamma, prediction)

@@ -100,10 +100,16 @@ def noise_level_embedding(gamma: torch.Tensor, dim: int, max_period: float = 100
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype, so fp16 activations do not overflow its statistics."""
+    """GroupNorm whose statistics are float32 whatever the input dtype, so fp16 activations do not overflow them.
+
+    CUDA's kernel already accumulates fp16 input in float32, so there fp16 stays fp16 (no copies in and out);
+    elsewhere the input is cast to float32 and back.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
+            if x.is_cuda and x.dtype == torch.float16:
+                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
             return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(
                 x.dtype
             )
@@ -199,7 +205,9 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x_flat))  # (B, 3C, T)
         d = c // self.num_heads
         q, k, v = qkv.reshape(b, self.num_heads, 3, d, -1).transpose(-1, -2).unbind(dim=2)  # each (B, H, T, d)
-        # The fused kernels keep the softmax statistics in fp32 even for fp16 inputs.
+        # Contiguous so that CUDA takes the fused (flash / memory-efficient) kernels, which need the last dimension
+        # dense and keep the softmax statistics in fp32 even for fp16 inputs; else it falls back to bmm + softmax.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         h = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d), scale 1/sqrt(d)
         h = h.transpose(-1, -2).reshape(b, c, -1)
         return (x_flat + self.proj_out(h)).reshape(b, c, *spatial)

@@ -153,6 +153,26 @@ def test_a_v_prediction_model_trains_validates_and_says_what_it_predicts(two_cli
         train([two_clips], tmp_path / "eps.safetensors", fine)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_the_shuffled_audio_control_hears_the_batch_s_audio_in_another_order(shuffle, two_clips, tmp_path):
+    pack = read_pack(two_clips)
+    options = TrainOptions(batch=8, arch=TEST_ARCH, recipe=Recipe(audio_dropout=0, shuffle_audio=shuffle),
+                           device="cpu", workdir=str(tmp_path))  # fmt: skip
+    trainer = Trainer(pack, split_pack(pack), tmp_path / "m.safetensors", options)
+    heard = []
+    network = trainer.network
+    trainer.network = lambda x, gamma, audio, dropped: heard.append(audio) or network(x, gamma, audio, dropped)
+    trainer.train_step(3)
+    own = trainer.data.audio(trainer.batches.indices(3))
+    if not shuffle:
+        torch.testing.assert_close(heard[0], own, atol=0, rtol=0)
+        return
+    assert not torch.equal(heard[0], own)
+    # The same windows, each heard by another sample: a permutation of the rows.
+    order = [next(i for i in range(len(own)) if torch.equal(own[i], row)) for row in heard[0]]
+    assert sorted(order) == list(range(len(own))) and order != list(range(len(own)))
+
+
 def test_a_few_hundred_steps_learn_to_denoise_the_held_out_clip(two_clips, tmp_path):
     """From scratch on one clip, validated on the other person: the error falls well below the untrained model's."""
     from talkedit.weights import load_model
