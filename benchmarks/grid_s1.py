@@ -289,15 +289,24 @@ def mask_box(masks: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def save_crops(path: Path, crops: np.ndarray, box: tuple[int, int, int, int]) -> None:
-    """The `box` of each crop as JPEG, in one safetensors file (outside the masks a crop is the pack's own)."""
+    """The `box` of each crop as JPEG, in one safetensors file (outside the masks a crop is the pack's own).
+
+    Quality JPEG_QUALITY, lowered where the file would not come back from the GPU machine (over PART_BYTES): the
+    random-weight model's noisy mouths compress badly."""
     import cv2
     from safetensors.numpy import save_file
 
     top, bottom, left, right = box
-    blobs = [cv2.imencode(".jpg", c[top:bottom, left:right, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
-             for c in crops]  # fmt: skip
+    for quality in (JPEG_QUALITY, 85, 75, 60, 45, 30):
+        blobs = [cv2.imencode(".jpg", c[top:bottom, left:right, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])[1]
+                 for c in crops]  # fmt: skip
+        if sum(len(b) for b in blobs) < PART_BYTES:
+            break
+    if quality != JPEG_QUALITY:
+        print(f"{path.name}: JPEG quality {quality} to stay under {PART_BYTES / 2**20:.0f} MiB", flush=True)
     offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
-    save_file({"jpeg": np.concatenate(blobs).ravel(), "offsets": offsets}, str(path), {"box": json.dumps(box)})
+    metadata = {"box": json.dumps(box), "quality": str(quality)}
+    save_file({"jpeg": np.concatenate(blobs).ravel(), "offsets": offsets}, str(path), metadata)
 
 
 def load_crops(path: Path, base: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from talkedit.diffusion import NoiseSchedule, sample_frames
+from talkedit.diffusion import NoiseSchedule, eps_from_output, sample_frames
 from talkedit.unet import UNet
 from talkedit.weights import build_model, read_weights
 
@@ -64,8 +64,10 @@ def test_reference_model_denoises_a_real_mouth_far_better_than_random_weights(re
     x = torch.cat([noisy * mask + (1 - mask) * target, previous, identity], dim=1)
 
     def error(model) -> float:
+        """The masked error of the model's ε (derived from its output for a v-model, as the samplers do)."""
         with torch.no_grad():
-            predicted = model(x, gamma, audio.reshape(len(frames), -1))
+            output = model(x, gamma, audio.reshape(len(frames), -1))
+        predicted = eps_from_output(output, x[:, :3], gamma, reference.diffusion_config.prediction)
         return float(((predicted - eps) ** 2 * mask).sum() / (mask.sum() * 3))
 
     torch.manual_seed(0)
