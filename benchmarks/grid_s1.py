@@ -8,11 +8,13 @@ Then, each stage resuming from what the last one wrote in WORK (default grid-s1/
 
     python benchmarks/grid_s1.py prepare $GRID        # clip lists: drops pbio7a, trims 10 corrupt starts, holds out 50
     python benchmarks/grid_s1.py pack                 # preprocess (2 processes) and pack: WORK/grid-s1.pack
-    # on a GPU: the recipe defaults from scratch; the held-out clips are the pack's last 50, its validation set
-    python -m talkedit.train WORK/grid-s1.pack -o WORK/grid-s1.safetensors --steps S --val-fraction 0.05005 \\
-        --time-limit 9       # repeat with --resume until it writes the model
-    python benchmarks/grid_s1.py sampled --model WORK/grid-s1.safetensors  # how often sampled mouths are noise
-    python benchmarks/grid_s1.py dubs --model WORK/grid-s1.safetensors   # GPU: held-out crops, own and other speech
+    python benchmarks/grid_s1.py pack --held-out-only # WORK/held.pack: the 50 held-out clips, for sampled/dubs/eval
+    # on a GPU: the recipe defaults from scratch, predicting v (the reference model; the paper's eps samples noisy
+    # mouths at this length, see README); the held-out clips are the pack's last 50, its validation set
+    python -m talkedit.train WORK/grid-s1.pack -o WORK/grid-s1-v.safetensors --prediction v --steps 2500 \\
+        --val-fraction 0.05005 --eval-every 500 --checkpoint-every 2500
+    python benchmarks/grid_s1.py sampled --model WORK/grid-s1-v.safetensors  # how often sampled mouths are noise
+    python benchmarks/grid_s1.py dubs --model WORK/grid-s1-v.safetensors --steps 25 --random-steps 10   # GPU
     python benchmarks/grid_s1.py eval                 # CPU: composite, `talkedit eval`, the README table
 
 `train`, `sampled` and `dubs` need only torch, numpy, safetensors and OpenCV, so they run on a GPU machine that has
@@ -124,12 +126,13 @@ PART_BYTES = 15 * 2**20  # what one file may weigh to come back from the GPU mac
 
 
 def train(work: Path, minutes: float | None, time_limit: float, resume: bool, eval_every: int, *,
-          arch: str = "dve", batch: int = 32, probe_steps: int = 40, prediction: str = "eps") -> None:  # fmt: skip
+          arch: str = "dve", batch: int = 32, probe_steps: int = 40, prediction: str = "v") -> None:  # fmt: skip
     """The recipe defaults from scratch on WORK/grid-s1.pack, validating on the held-out clips.
 
     A new run first times 40 steps and sets --steps so that the whole run takes about `minutes` of training; each
     call stops at a checkpoint before `time_limit` minutes, and `resume` continues it (the checkpoint keeps --steps).
-    `prediction` "v" trains a v-prediction model instead (WORK/grid-s1-v.safetensors, its run in WORK/train-v).
+    `prediction` "v" (the default, as the reference model) writes WORK/grid-s1-v.safetensors with its run in
+    WORK/train-v; "eps" (the paper's) WORK/grid-s1.safetensors with its run in WORK/train.
     """
     import tempfile
 
@@ -523,7 +526,7 @@ def main() -> None:
     p.add_argument("--arch", default="dve", help="dve (the paper's UNet) or small (to try the stage on a CPU)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--probe-steps", type=int, default=40)
-    p.add_argument("--prediction", choices=["eps", "v"], default="eps", help="eps: the paper's; v: see diffusion.py")
+    p.add_argument("--prediction", choices=["eps", "v"], default="v", help="v: the reference model's; eps: the paper's")
     p = sub.add_parser("half")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
