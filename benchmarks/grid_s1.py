@@ -499,7 +499,8 @@ def table(results: dict[str, list], work: Path) -> str:
             f"{'inf' if name.startswith('original') else f'{psnr:.1f}'} | {mean(name, 'ssim'):.3f} | "
             f"{mean(name, 'lmd'):.2f} | {mean(name, 'motion'):.2f} | {flag_counts(group)} |"
         )
-    metrics = work / "train" / "metrics.jsonl"
+    runs = [work / run / "metrics.jsonl" for run in ("train-v", "train")]  # the v run (the default), else eps
+    metrics = next((m for m in runs if m.is_file()), runs[0])
     if metrics.is_file():
         evals = [json.loads(line) for line in metrics.read_text().splitlines() if "audio_ratio" in line]
         if evals:
