@@ -471,8 +471,8 @@ def train(
     prediction: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
-            help="What the UNet learns to output: eps (the paper) or v, whose clean-image estimate does not divide "
-            "by √ᾱ (default: eps from scratch, the initial model's when fine-tuning)."
+            help="What the UNet learns to output: v, whose clean-image estimate does not divide by √ᾱ, or eps (the "
+            "paper) (default: v from scratch, the initial model's when fine-tuning)."
         ),
     ] = None,
     ema: Annotated[

@@ -3,7 +3,8 @@ many GPUs under `torchrun`.
 
     pack (pack.py) -> per step: a global batch of samples (target crop, previous frame, identity frame >= 1 s away,
     audio window, jaw mask) -> augment (augment.py) -> noise the masked region at a random level ᾱ
-    -> ε-prediction loss on the mask, min-SNR-γ weighted -> AdamW (warm-up, cosine decay, clipping) -> EMA
+    -> v-prediction loss on the mask (the paper's ε: --prediction eps), min-SNR-γ weighted -> AdamW (warm-up,
+    cosine decay, clipping) -> EMA
     every eval_every steps: validation error of one-step denoising, with the true audio and with audio shifted by 1 s
 
 Imports only torch, numpy, safetensors and OpenCV (with a pack as input), so it runs on machines without ffmpeg.
@@ -46,6 +47,9 @@ CHECKPOINT_FORMAT = "talkedit-train"
 CHECKPOINT_VERSION = 1
 EVAL_STEPS = (100, 300, 500, 700, 900)  # fixed noise levels of validation: these steps of the T = 1000 schedule
 AUDIO_SHIFT_SECONDS = 1.0
+# From scratch the UNet learns v, not the paper's ε: on GRID s1 (same data, recipe and steps) ε-models sampled noisy
+# mouths from pure noise (35 of 96) and v-models none (README, "The reference model").
+DEFAULT_PREDICTION = "v"
 
 # Small 128 px architecture for trying the whole pipeline on a CPU (about 1/20 of the paper's compute).
 SMALL = UNetConfig(base_channels=32, channel_mults=(1, 1, 1, 1), num_res_blocks=1, attention_resolutions=(),
@@ -103,8 +107,8 @@ class TrainOptions:
     arch: UNetConfig | None = None  # from scratch: the UNet (default: the paper's); ignored with init
     init: str | None = None  # start from these weights: a model name or a talkedit weights file
     dropout: float | None = None  # dropout inside the UNet's residual blocks (default: the model's, 0.1)
-    prediction: str | None = None  # what the UNet learns to output, "eps" (the paper) or "v"; None: eps from
-    #                                scratch, the initial model's when fine-tuning (saved with the weights)
+    prediction: str | None = None  # what the UNet learns to output, "v" or "eps" (the paper); None: v from
+    #                                scratch, the initial model's when fine-tuning, the checkpoint's when resuming
     seed: int = 0
     device: str | None = None  # default: CUDA when available (the local rank's GPU under torchrun)
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" or "fp32"
@@ -437,7 +441,7 @@ class Trainer:
                 )
         else:
             torch.manual_seed(_torch_seed(options.seed, 0))  # the initial weights follow the seed
-            prediction = options.prediction or "eps"
+            prediction = options.prediction or DEFAULT_PREDICTION
             if prediction not in PREDICTIONS:
                 raise TrainError(f"--prediction {prediction}: choose {' or '.join(PREDICTIONS)}.")
             self.model = new_model(options.arch or UNetConfig())
@@ -728,6 +732,12 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict({**state["ema"], "decay": self.recipe.ema_decay})
+        # The checkpoint's own prediction: a run started before v became the default (--prediction unset) learned ε.
+        diffusion = DiffusionConfig.from_json(state["diffusion_config"])
+        if diffusion != self.diffusion:
+            self.diffusion = diffusion
+            self.schedule = NoiseSchedule.cosine(diffusion.train_steps, diffusion.cosine_s,
+                                                 diffusion.max_beta).to(self.device)  # fmt: skip
         self.step = state["step"]
         self.elapsed = state["elapsed"]
         self.init_provenance = state["init_provenance"]

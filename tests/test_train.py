@@ -140,11 +140,11 @@ def test_masked_loss_counts_only_the_mask_and_weights_by_min_snr():
     assert masked_loss(pred, eps, mask, alpha_bar, 5.0, "v") == pytest.approx((1 / 2 + 5 / 100) / 2)  # γ/(SNR+1)
 
 
-def test_a_v_prediction_model_trains_validates_and_says_what_it_predicts(two_clips, tmp_path):
+def test_from_scratch_the_model_predicts_v_by_default_and_says_so_in_its_weights(two_clips, tmp_path):
     from talkedit.weights import load_model
 
-    options = TrainOptions(steps=3, batch=2, arch=TEST_ARCH, prediction="v", eval_every=3, eval_samples=4,
-                           strip_frames=2, strip_steps=2)  # fmt: skip
+    options = TrainOptions(steps=3, batch=2, arch=TEST_ARCH, eval_every=3, eval_samples=4, strip_frames=2,
+                           strip_steps=2)  # fmt: skip
     result = train([two_clips], tmp_path / "v.safetensors", options)
     assert load_model(result.output, device="cpu").diffusion.prediction == "v"
     assert np.isfinite(result.last_eval["val_error"]) and np.isfinite(result.last_eval["val_sampled_error"])
@@ -254,17 +254,23 @@ def test_sigterm_saves_a_checkpoint_and_resuming_ends_where_an_uninterrupted_run
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit for bit
 
 
-def test_a_checkpoint_without_a_newer_setting_resumes_but_one_with_another_value_does_not(two_clips, tmp_path):
-    """Settings added to TrainOptions later (here `prediction`) read as their default in older checkpoints."""
+def test_a_checkpoint_from_before_prediction_was_a_setting_resumes_as_the_eps_run_it_was(two_clips, tmp_path):
+    """Settings added to TrainOptions later (here `prediction`) read as unset in older checkpoints; such a run learned
+    ε (the default then), and it goes on learning ε although v is now the default."""
+    from talkedit.weights import load_model
+
     options = TrainOptions(steps=4, batch=2, arch=TEST_ARCH, eval_every=0, checkpoint_every=100)
-    cut = train([two_clips], tmp_path / "m.safetensors", replace(options, time_limit=1e-4))
+    cut = train([two_clips], tmp_path / "m.safetensors", replace(options, prediction="eps", time_limit=1e-4))
     checkpoint = cut.workdir / "checkpoint.pt"
     state = torch.load(checkpoint, weights_only=False)
-    del state["identity"]["prediction"]
+    assert json.loads(state["diffusion_config"])["prediction"] == "eps"
+    del state["identity"]["prediction"]  # as an older talkedit wrote it
     torch.save(state, checkpoint)
     with pytest.raises(TrainError, match=r"other settings \(prediction\)"):
         train([two_clips], tmp_path / "m.safetensors", replace(options, resume=True, prediction="v"))
-    assert train([two_clips], tmp_path / "m.safetensors", replace(options, resume=True)).steps_done == 4
+    resumed = train([two_clips], tmp_path / "m.safetensors", replace(options, resume=True))
+    assert resumed.steps_done == 4
+    assert load_model(resumed.output, device="cpu").diffusion.prediction == "eps"
 
 
 def test_time_limit_stops_at_a_checkpoint_and_the_resumed_run_is_the_uninterrupted_one(two_clips, tmp_path):
