@@ -263,13 +263,19 @@ def test_a_signal_while_writing_leaves_no_partial_file(talkedit_home, inputs, tm
     args = [str(exe), "dub", str(video), str(long_speech), "-o", str(output), "--model", str(talkedit_home[1]),
             "--offline", "-q"]  # fmt: skip
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 240
-    while not any(".partial" in p.name for p in tmp_path.iterdir()):
-        assert proc.poll() is None and time.monotonic() < deadline, "the dub ended before it began writing"
-        time.sleep(0.01)
-    signum = getattr(signal, signame)
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(".partial" in p.name for p in tmp_path.iterdir()):
+            assert proc.poll() is None, "the dub ended before it began writing"
+            assert time.monotonic() < deadline, "the dub did not begin writing within 240 s"
+            time.sleep(0.01)
+        signum = getattr(signal, signame)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # a failed test must not leave a dub running behind the others
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err and signame in err
     assert not output.exists() and leftovers(tmp_path) == []

@@ -237,11 +237,16 @@ def test_sigterm_saves_a_checkpoint_and_resuming_ends_where_an_uninterrupted_run
     proc = subprocess.Popen([str(exe), *args, "-o", str(out)], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "300"})  # fmt: skip
     checkpoint = tmp_path / "cut.train" / "checkpoint.pt"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    try:
+        deadline = time.time() + 300
+        while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # a failed test must not leave a training running behind the others
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0, err
     assert not out.exists()
     steps_done = torch.load(checkpoint, weights_only=True)["step"]
