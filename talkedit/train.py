@@ -476,8 +476,7 @@ class Trainer:
         if options.compile:
             self.network = torch.compile(self.network)
 
-        self.schedule = NoiseSchedule.cosine(self.diffusion.train_steps, self.diffusion.cosine_s,
-                                             self.diffusion.max_beta).to(self.device)  # fmt: skip
+        self.schedule = self._schedule()
         self.data = TrainingData(pack, split, self.device, self.recipe.identity_gap)
         self.batches = Batches(split.train, options.batch, options.seed)
         self.step = 0
@@ -706,6 +705,11 @@ class Trainer:
                 f"{self.checkpoint_path}: cannot save the checkpoint ({exc.strerror or exc}); free some space."
             ) from None
 
+    def _schedule(self) -> NoiseSchedule:
+        """The training noise schedule of self.diffusion, on the training device."""
+        d = self.diffusion
+        return NoiseSchedule.cosine(d.train_steps, d.cosine_s, d.max_beta).to(self.device)
+
     def load_checkpoint(self) -> None:
         """Continue from the workdir's checkpoint. Raises TrainError when it belongs to other data or settings."""
         path = self.checkpoint_path
@@ -736,8 +740,7 @@ class Trainer:
         diffusion = DiffusionConfig.from_json(state["diffusion_config"])
         if diffusion != self.diffusion:
             self.diffusion = diffusion
-            self.schedule = NoiseSchedule.cosine(diffusion.train_steps, diffusion.cosine_s,
-                                                 diffusion.max_beta).to(self.device)  # fmt: skip
+            self.schedule = self._schedule()
         self.step = state["step"]
         self.elapsed = state["elapsed"]
         self.init_provenance = state["init_provenance"]
