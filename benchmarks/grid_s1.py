@@ -16,9 +16,18 @@ Then, each stage resuming from what the last one wrote in WORK (default grid-s1/
     python benchmarks/grid_s1.py sampled --model WORK/grid-s1-v.safetensors  # how often sampled mouths are noise
     python benchmarks/grid_s1.py dubs --model WORK/grid-s1-v.safetensors --steps 25 --random-steps 10   # GPU
     python benchmarks/grid_s1.py eval                 # CPU: composite, `talkedit eval`, the README table
+    python benchmarks/grid_s1.py chains --model M     # GPU: chain jump against chain length and overlap
 
-`train`, `sampled` and `dubs` need only torch, numpy, safetensors and OpenCV, so they run on a GPU machine that has
-nothing else. Everything else needs the full talkedit install.
+The cross-speaker check runs the same stages on one clip of each of ten other GRID speakers, in a WORK of its own:
+
+    git clone https://github.com/rizkiarm/LipNet LipNet-samples
+    python benchmarks/grid_s1.py --work grid-x prepare-others LipNet-samples/evaluation/samples
+    python benchmarks/grid_s1.py --work grid-x pack --held-out-only
+    python benchmarks/grid_s1.py --work grid-x dubs --model M --steps 25 --random-steps 10   # GPU
+    python benchmarks/grid_s1.py --work grid-x eval
+
+`train`, `sampled`, `dubs` and `chains` need only torch, numpy, safetensors and OpenCV, so they run on a GPU machine
+that has nothing else. Everything else needs the full talkedit install.
 """
 
 from __future__ import annotations
@@ -84,6 +93,28 @@ def prepare(source: Path, work: Path) -> None:
     (work / "order.txt").write_text("".join(f"clips/{n}{suffix[n]}\n" for n in train + test))
     (work / "held-out.txt").write_text("".join(f"{n}\n" for n in test))
     print(f"{len(train)} training clips, {len(test)} held out -> {work / 'order.txt'}")
+
+
+OTHER_SPEAKERS = ("brbk7n", "lbax4n", "lbbc2a", "lrwp9a", "lwbsza", "pwij3p", "sbia1a", "sbwe5n", "swiz3n", "swwp2s")
+
+
+def prepare_others(source: Path, work: Path) -> None:
+    """The cross-speaker check's WORK: links to one 3 s clip of each of ten GRID speakers other than s1 (the samples
+    of rizkiarm/LipNet: evaluation/samples/GRID/*.mpg and id2_vcd_swwp2s.mpg), all of them "held out", so that
+    `pack --held-out-only`, `dubs` and `eval` run on them as on s1's held-out clips."""
+    clips = work / "clips"
+    clips.mkdir(parents=True, exist_ok=True)
+    found = {p.stem.removeprefix("id2_vcd_"): p for p in [*source.glob("GRID/*.mpg"), *source.glob("id2_vcd_*.mpg")]}
+    missing = [n for n in OTHER_SPEAKERS if n not in found]
+    if missing:
+        sys.exit(f"{source}: no {', '.join(missing)}; expected evaluation/samples of rizkiarm/LipNet.")
+    for name in OTHER_SPEAKERS:
+        target = clips / f"{name}.mpg"
+        if not target.exists():
+            target.symlink_to(found[name].resolve())
+    (work / "order.txt").write_text("".join(f"clips/{n}.mpg\n" for n in OTHER_SPEAKERS))
+    (work / "held-out.txt").write_text("".join(f"{n}\n" for n in OTHER_SPEAKERS))
+    print(f"{len(OTHER_SPEAKERS)} clips of other speakers -> {work / 'order.txt'}")
 
 
 def _analyse(path: str) -> str:
@@ -271,18 +302,20 @@ def held_out_frames(pack, clips: list[int], speech_of: list[int], limit: int | N
     return np.concatenate(index), np.concatenate(track), np.concatenate(windows)
 
 
-def dub_held_out(model, pack, clips, speech_of, *, limit=None, steps=None, fp16=None, seed=0) -> np.ndarray:
-    """Generate the stored frames of `clips` as `dub` would, every clip's chain in the same UNet calls.
-    Returns (N, 128, 128, 3) uint8 in the order of `held_out_frames`."""
-    from talkedit.generate import generate_chains, plan_chains
+def dub_held_out(model, pack, clips, speech_of, *, limit=None, steps=None, fp16=None, seed=0, chain_seconds=None,
+                 overlap=0, with_chains=False):  # fmt: skip
+    """Generate the stored frames of `clips` as `dub` would, all chains in the same UNet calls (each clip its own
+    shot; `chain_seconds` and `overlap` as dub's options, default dub's). Returns (N, 128, 128, 3) uint8 in the
+    order of `held_out_frames`, and with `with_chains` also the chain plan."""
+    from talkedit.generate import CHAIN_SECONDS, generate_chains, plan_chains
 
     rows, track, windows = held_out_frames(pack, clips, speech_of, limit)
     src = np.arange(len(rows))
-    chains = plan_chains(src, track, windows.mean(axis=(1, 2)), 25.0)
+    chains = plan_chains(src, track, windows.mean(axis=(1, 2)), 25.0, chain_seconds or CHAIN_SECONDS, overlap)
     out = np.zeros((len(rows), 128, 128, 3), np.uint8)
     generate_chains(model, pack.crops[rows], pack.masks[rows], src, windows, chains, len(chains), out,
                     steps=steps, fp16=fp16, seed=seed)  # fmt: skip
-    return out
+    return (out, chains) if with_chains else out
 
 
 def mask_box(masks: np.ndarray) -> tuple[int, int, int, int]:
@@ -373,6 +406,66 @@ def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_step
                                   "psnr_db": float(10 * np.log10(255**2 / mse)) if mse > 0 else None}  # fmt: skip
     (out / "dubs.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report), flush=True)
+
+
+# -- chains: how visible chain restarts are, against chain length and overlap (GPU, from the pack alone) ----------
+
+CHAIN_SETTINGS = ("3:0", "1:0", "1:3", "0.5:0", "0.5:3")  # chain seconds:overlap frames; 3 s = one chain per clip
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def chain_study(work: Path, model_path: Path, out: Path, steps: int, count: int, settings: list[str]) -> None:
+    """Dub the first `count` held-out clips (3 s each) with their own speech once per setting (chain seconds and
+    crossfade overlap, as dub's --chain-seconds and --overlap), and measure on the crops the chain jump (the mouth's
+    change where a chain takes over against its change elsewhere, as `talkedit eval` does), the change itself at
+    starts and elsewhere, the mask PSNR against the original and the time. Prints a table; writes OUT/chains.json."""
+    import time
+
+    import torch
+
+    from talkedit.generate import chain_jump, mouth_change
+    from talkedit.pack import read_pack
+    from talkedit.weights import build_model, read_weights
+
+    out.mkdir(parents=True, exist_ok=True)
+    pack = read_pack(_pack_path(work))
+    clips = held_out_clips(pack, work)[:count]
+    rows, track, _ = held_out_frames(pack, clips, clips)
+    masks = pack.masks[rows].astype(bool)
+    original = pack.crops[rows]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(read_weights(model_path)).to(device)
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "model": str(model_path),
+              "clips": len(clips), "frames": len(rows), "steps": steps, "settings": []}  # fmt: skip
+    print("| chain s | overlap | chains | jump | change at starts | change elsewhere | mask PSNR (dB) | s/frame |")
+    print("|---|---|---|---|---|---|---|---|")
+    for setting in settings:
+        seconds, overlap = float(setting.split(":")[0]), int(setting.split(":")[1])
+        t = time.perf_counter()
+        crops, chains = dub_held_out(model, pack, clips, clips, steps=steps, chain_seconds=seconds, overlap=overlap,
+                                     with_chains=True)  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t
+        change = mouth_change(crops, masks, np.ones(len(rows), bool))
+        change[np.flatnonzero(np.diff(track, prepend=-1))] = np.nan  # a clip's first frame follows another clip
+        splits = [c for c in chains if c.start > 0 and track[c.start - 1] == track[c.start]]  # not a clip's first
+        starts = [j for c in splits for j in c.frames[: c.lead + 1]]
+        inside = np.setdiff1d(np.flatnonzero(np.isfinite(change)), starts)
+        error = (crops.astype(np.float64) - original)[masks]
+        row = {"chain_seconds": seconds, "overlap": overlap, "chains": len(chains), "jump": chain_jump(change, starts),
+               "change_at_starts": float(np.nanmean(change[starts])) if starts else None,
+               "change_elsewhere": float(np.mean(change[inside])),
+               "mask_psnr": float(10 * np.log10(255**2 / np.mean(error**2))), "seconds": elapsed,
+               "seconds_per_frame": elapsed / len(rows)}  # fmt: skip
+        report["settings"].append(row)
+        print(f"| {seconds:g} | {overlap} | {len(chains)} | {_fmt(row['jump'])} | {_fmt(row['change_at_starts'])} | "
+              f"{row['change_elsewhere']:.2f} | {row['mask_psnr']:.1f} | {row['seconds_per_frame']:.4f} |",
+              flush=True)  # fmt: skip
+    (out / "chains.json").write_text(json.dumps(report, indent=1))
 
 
 # -- eval: on a CPU with the full install --------------------------------------------------------------------------
@@ -516,6 +609,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="stage", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("source", type=Path, help="GRID s1's folder of .mpg clips (data/s1 of TVR28/LipNet)")
+    p = sub.add_parser("prepare-others")
+    p.add_argument("source", type=Path, help="evaluation/samples of rizkiarm/LipNet")
     p = sub.add_parser("pack")
     p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     p.add_argument("--held-out-only", action="store_true", help="only the 50 held-out clips, into WORK/held.pack")
@@ -549,9 +644,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--random-steps", type=int, default=25, help="sampling steps of the random-weight model")
     p.add_argument("--clips", type=int, help="only the first N held-out clips (all 50 by default)")
+    p = sub.add_parser("chains")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="where chains.json goes (default: WORK/dubs)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--clips", type=int, default=20, help="the first N held-out clips")
+    p.add_argument("--settings", nargs="+", default=list(CHAIN_SETTINGS), help="chain seconds:overlap frames")
     args = parser.parse_args()
     if args.stage == "prepare":
         prepare(args.source, args.work)
+    elif args.stage == "prepare-others":
+        prepare_others(args.source, args.work)
     elif args.stage == "pack":
         pack(args.work, args.processes, args.held_out_only)
     elif args.stage == "train":
@@ -569,6 +672,8 @@ def main() -> None:
         evaluate_held_out(args.work, args.group, args.clips)
     elif args.stage == "dubs":
         dubs(args.work, args.model, args.out or args.work / "dubs", args.steps, args.random_steps, args.clips)
+    elif args.stage == "chains":
+        chain_study(args.work, args.model, args.out or args.work / "dubs", args.steps, args.clips, args.settings)
 
 
 if __name__ == "__main__":

@@ -262,6 +262,20 @@ def dub(
         Optional[int],  # noqa: UP045
         typer.Option(min=1, help="Chains sampled together (default: 16 on CUDA, 1 on CPU)."),
     ] = None,
+    chain_seconds: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            min=0.04,
+            help="A shot longer than twice this is split into chains of about this many seconds, each starting "
+            "again from the original frame; shorter chains run more frames side by side (default 5).",
+        ),
+    ] = None,
+    overlap: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            min=0, help="Frames over which each chain after a split fades in over the one before (default 0)."
+        ),
+    ] = None,
     crf: Annotated[int, typer.Option(min=0, max=51, help="x264 quality, lower is better (default 18).")] = 18,
     guidance: Annotated[
         float,
@@ -305,6 +319,8 @@ def dub(
         face=face,
         fit=fit,
         batch=batch,
+        chain_seconds=chain_seconds,
+        overlap=overlap,
         crf=crf,
         analysis_dir=str(analysis_dir) if analysis_dir else None,
         offline=offline or None,
@@ -624,6 +640,14 @@ def eval_(
         Optional[Path],  # noqa: UP045
         typer.Option(help="Write a PNG report: mouth opening vs speech, the sync curve, mouth crops."),
     ] = None,
+    chain_seconds: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(min=0.04, help="With --reference: the dub's --chain-seconds, to find its chain starts."),
+    ] = None,
+    overlap: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=0, help="With --reference: the dub's --overlap, to find its chain starts."),
+    ] = None,
     face: FaceOption = None,
     analysis_dir: AnalysisDirOption = None,
     cache_dir: CacheDirOption = None,
@@ -664,8 +688,8 @@ def eval_(
         else:
             from .evaluate import evaluate
 
-            one = evaluate(video, speech, reference, syncnet=syncnet, face=face, analysis_dir=analysis_dir,
-                           offline=offline_flag, progress=progress)  # fmt: skip
+            one = evaluate(video, speech, reference, syncnet=syncnet, chain_seconds=chain_seconds, overlap=overlap,
+                           face=face, analysis_dir=analysis_dir, offline=offline_flag, progress=progress)  # fmt: skip
             cases = {"video": one}
             summary = one.to_json()
     if report is not None:

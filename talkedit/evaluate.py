@@ -87,6 +87,8 @@ def evaluate(
     *,
     syncnet: str | os.PathLike | None = None,
     chain_starts: list[int] | None = None,
+    chain_seconds: float | None = None,
+    overlap: int | None = None,
     face: str | None = None,
     analysis_dir: str | os.PathLike | None = None,
     offline: bool | None = None,
@@ -96,7 +98,8 @@ def evaluate(
     """Score `video` against `speech` (default: the video's own sound) and, given one, against the original shot.
 
     `syncnet`: a syncnet_v2.model for LSE-C/D (default: the cached `syncnet` entry when installed). `chain_starts`:
-    the dub's chain starts when known (default: planned again as `dub` plans them, from the speech).
+    the dub's chain starts when known (default: planned again as `dub` plans them, from the speech, with the
+    `chain_seconds` and `overlap` the dub was made with; None: dub's defaults).
     """
     from .audio import SILENCE_PEAK, check_speech
     from .media import decode_speech, probe_video, read_audio, stat_or_none
@@ -142,7 +145,7 @@ def evaluate(
                 "loops it: compare only the dub of a speech no longer than the video)."
             )
         if chain_starts is None:
-            chain_starts = _planned_chain_starts(ref.track[:frames], wav, info.fps)
+            chain_starts = _planned_chain_starts(ref.track[:frames], wav, info.fps, chain_seconds, overlap)
         result.reference, crops = score_against(analysis, ref, chain_starts, progress)
         result.reference_opening = mouth_opening(mouth_points(ref.landmarks[:frames], ref.matrices[:frames]))
         result.strip = _strip(crops, np.asarray(ref.crops[:frames]), ref.tracked[:frames])
@@ -203,14 +206,20 @@ def _lse(analysis: Analysis, wav: np.ndarray, path: Path, progress: Progress) ->
             "note": "face boxes from MediaPipe landmarks, not S3FD"}  # fmt: skip
 
 
-def _planned_chain_starts(track: np.ndarray, wav: np.ndarray, fps) -> list[int]:
-    """Where `dub` starts its chains for this shot's face track (T,) and speech (the plan depends on nothing else)."""
+def _planned_chain_starts(
+    track: np.ndarray, wav: np.ndarray, fps, chain_seconds: float | None = None, overlap: int | None = None
+) -> list[int]:
+    """Where `dub` starts its chains for this shot's face track (T,) and speech (the plan depends on nothing else,
+    and on dub's --chain-seconds and --overlap, default when None): each chain's first frame, and with an overlap
+    every frame of its crossfade."""
     from .audio import frame_windows, mel_spectrogram
-    from .generate import plan_chains
+    from .generate import CHAIN_OVERLAP, CHAIN_SECONDS, plan_chains
 
     frames = len(track)
     windows = frame_windows(mel_spectrogram(wav), frames, fps)
-    return [c.start for c in plan_chains(np.arange(frames), track, windows.mean(axis=(1, 2)), float(fps))]
+    chains = plan_chains(np.arange(frames), track, windows.mean(axis=(1, 2)), float(fps),
+                         chain_seconds or CHAIN_SECONDS, CHAIN_OVERLAP if overlap is None else overlap)  # fmt: skip
+    return [j for c in chains for j in c.frames[: c.lead + 1]]
 
 
 def _strip(crops: np.ndarray, reference: np.ndarray | None, tracked: np.ndarray, count: int = 8) -> np.ndarray:

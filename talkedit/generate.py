@@ -3,6 +3,7 @@
     plan_chains      output frames -> chains (tracked runs, split on quiet moments)
     schedule         chains -> UNet calls of up to `batch` frames, each track's identity frame first
     generate_chains  crops, masks, audio windows and chains -> generated crops
+    chain_jump       how visible the chains' restarts are in the generated crops (eval's "chain jump")
 
 Needs only numpy and torch, so that held-out clips of a pack can be dubbed on a GPU machine that has nothing else
 (benchmarks/grid_s1.py); `pipeline.dub` drives it for a video.
@@ -20,6 +21,7 @@ from .errors import TalkeditError
 
 CHAIN_SECONDS = 5.0  # a run of tracked frames longer than twice this is split into chains about this long
 SPLIT_SEARCH_SECONDS = 1.0  # how far from an even split a chain may end to end on the quietest moment
+CHAIN_OVERLAP = 0  # frames a chain after a split starts early, crossfaded into the end of the chain before it
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Chain:
 
     track: int
     frames: list[int]  # output-frame indices, in order
+    lead: int = 0  # its first `lead` frames are also the previous chain's last ones: the two are crossfaded there
 
     @property
     def start(self) -> int:
@@ -42,12 +45,18 @@ class Chain:
 
 
 def plan_chains(
-    src: np.ndarray, track: np.ndarray, loudness: np.ndarray, fps: float, chain_seconds: float = CHAIN_SECONDS
+    src: np.ndarray,
+    track: np.ndarray,
+    loudness: np.ndarray,
+    fps: float,
+    chain_seconds: float = CHAIN_SECONDS,
+    overlap: int = CHAIN_OVERLAP,
 ) -> list[Chain]:
     """Split output frames into chains: runs where the face is tracked and the source advances by at most one frame
     within one track. Runs longer than 2 x chain_seconds are split into chains of about chain_seconds, each ending on
     the quietest frame (by `loudness`, (num_output,)) within SPLIT_SEARCH_SECONDS of an even split, where a restart
-    is least visible. The plan depends on the inputs only (not on the device or batch size)."""
+    is least visible. With `overlap`, each chain after a split starts that many frames early (at most half the chain
+    before it) and is crossfaded into it there. The plan depends on the inputs only (not on the device or batch)."""
     runs: list[list[int]] = []
     for j, s in enumerate(src):
         if track[s] < 0:
@@ -60,12 +69,15 @@ def plan_chains(
     search = min(round(SPLIT_SEARCH_SECONDS * fps), target // 2)
     result = []
     for run in runs:
-        while len(run) > 2 * target:
-            lo, hi = max(1, target - search), min(len(run) - 1, target + search)
-            cut = lo + int(np.argmin(loudness[run[lo:hi]]))
-            result.append(Chain(int(track[src[run[0]]]), run[:cut]))
-            run = run[cut:]
-        result.append(Chain(int(track[src[run[0]]]), run))
+        cuts = [0]
+        while len(run) - cuts[-1] > 2 * target:
+            rest = run[cuts[-1] :]
+            lo, hi = max(1, target - search), min(len(rest) - 1, target + search)
+            cuts.append(cuts[-1] + lo + int(np.argmin(loudness[rest[lo:hi]])))
+        cuts.append(len(run))
+        for n in range(len(cuts) - 1):
+            lead = min(overlap, (cuts[n] - cuts[n - 1]) // 2) if n else 0
+            result.append(Chain(int(track[src[run[0]]]), run[cuts[n] - lead : cuts[n + 1]], lead))
     return result
 
 
@@ -128,7 +140,9 @@ def generate_chains(
     generated: settable by output frame: receives (128, 128, 3) uint8 crops
 
     A chain's first frame conditions on its own original crop (spec §6), later frames on the chain's previous
-    generated frame; every frame of a track on the track's identity frame (its first generated frame).
+    generated frame; every frame of a track on the track's identity frame (its first generated frame). Where a chain
+    has a lead (see `plan_chains`), its crops there fade in linearly over the previous chain's: a crop waits in memory
+    for its partner, so at most about `batch` x lead crops wait at once.
     """
     import torch
 
@@ -141,6 +155,9 @@ def generate_chains(
     generators = [torch.Generator().manual_seed(c.seed(seed)) for c in chain_list]
     previous: dict[int, np.ndarray] = {}  # chain -> its last generated crop
     identity: dict[int, np.ndarray] = {}  # track -> its identity crop
+    # Crossfades: output frame -> the weight of the later chain's crop there; the first crop of each pair waits.
+    fade = {j: (p + 1) / (c.lead + 1) for c in chain_list for p, j in enumerate(c.frames[: c.lead])}
+    waiting: dict[int, np.ndarray] = {}  # output frame -> the crop of one chain there, until the other's comes
     done = 0
     for call in schedule(chain_list, batch):
         targets = [chain_list[k].frames[pos] for k, pos in call]
@@ -169,7 +186,15 @@ def generate_chains(
         # Quantise to uint8 as the official code does by saving PNGs.
         images = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         for n, (k, pos) in enumerate(call):
-            generated[targets[n]] = images[n]
+            j, later = targets[n], pos < chain_list[k].lead
+            if j not in fade:
+                generated[j] = images[n]
+            elif j not in waiting:
+                waiting[j] = images[n]
+            else:
+                other = waiting.pop(j)
+                new, old = (images[n], other) if later else (other, images[n])
+                generated[j] = np.round(fade[j] * new + (1 - fade[j]) * old.astype(np.float32)).astype(np.uint8)
             previous[k] = images[n]
             identity.setdefault(tracks[n], images[n])
             if pos + 1 == len(chain_list[k].frames):
@@ -177,3 +202,29 @@ def generate_chains(
         done += len(call)
         if progress is not None:
             progress("generate", done, total)
+
+
+def mouth_change(crops, masks, tracked: np.ndarray) -> np.ndarray:
+    """The mouth's change into each frame: (T,) mean absolute difference from the frame before, inside the frame's
+    jaw mask, in 0-255 levels; NaN where this frame or the one before has no face.
+
+    crops: (T, 128, 128, 3) uint8 generated crops; masks: (T, 128, 128) jaw masks; tracked: (T,) bool.
+    """
+    change = np.full(len(tracked), np.nan)
+    for i in range(1, len(tracked)):
+        mask = np.asarray(masks[i]).astype(bool)
+        if tracked[i] and tracked[i - 1] and mask.any():
+            change[i] = np.abs(crops[i].astype(np.float32) - crops[i - 1])[mask].mean()
+    return change
+
+
+def chain_jump(change: np.ndarray, starts: list[int]) -> float | None:
+    """How visible the chains' restarts are: the mouth's change into the frames where a chain takes over (`starts`:
+    a chain's first frame, and every frame of its crossfade if it has one) over its change into every other frame,
+    from `mouth_change`. 1 = a restart shows no more than the motion within chains. None without a comparable start.
+    """
+    starts = sorted(s for s in set(starts) if 0 <= s < len(change) and np.isfinite(change[s]))
+    inside = np.setdiff1d(np.flatnonzero(np.isfinite(change)), starts)
+    if not starts or not len(inside):
+        return None
+    return float(np.mean(change[starts]) / max(float(np.mean(change[inside])), 1e-6))

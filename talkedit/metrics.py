@@ -20,6 +20,7 @@ import numpy as np
 
 from .analysis import Analysis, Progress, no_progress
 from .face import MASK_DILATE, MASK_FEATHER, crop_face, invert
+from .generate import chain_jump, mouth_change
 from .media import iter_frames
 from .sync import LIP_POINTS, mouth_opening, mouth_points
 
@@ -85,7 +86,7 @@ def score_against(
     progress: Progress = no_progress,
 ) -> tuple[ReferenceScores, np.ndarray]:
     """Compare a dub with its reference, frame for frame over the dub's T frames (a dub of a speech shorter than its
-    video covers the reference's first T). `chain_starts`: first frames of the dub's chains, if known.
+    video covers the reference's first T). `chain_starts`: where the dub's chains take over (see `chain_jump`).
 
     Returns the scores and the dub's crops at the reference's alignment, (T, 128, 128, 3) uint8 (zero without a face).
     """
@@ -150,19 +151,7 @@ def score_against(
         averages = sums[counts > 0] / counts[counts > 0, None]
         drift = float(np.abs(averages).max())
 
-    # Chain jump: the dub's mouth change into a chain's first frame against its change between other frames.
-    jump = None
-    starts = sorted(s for s in (chain_starts or []) if 0 < s < total and tracked[s] and tracked[s - 1])
-    if starts:
-        mask_px = np.asarray(reference.masks[:total]).astype(bool)
-        change = np.full(total, np.nan)
-        for i in range(1, total):
-            if tracked[i] and tracked[i - 1] and mask_px[i].any():
-                change[i] = np.abs(dub_crops[i].astype(np.float32) - dub_crops[i - 1])[mask_px[i]].mean()
-        inside = np.setdiff1d(np.flatnonzero(np.isfinite(change)), starts)
-        at_starts = change[starts]
-        if len(inside) and np.isfinite(at_starts).any():
-            jump = float(np.nanmean(at_starts) / max(float(np.mean(change[inside])), 1e-6))
+    jump = chain_jump(mouth_change(dub_crops, reference.masks[:total], tracked), chain_starts or [])
     scores = ReferenceScores(
         frames=int(tracked.sum()),
         psnr=psnr,

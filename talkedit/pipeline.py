@@ -21,7 +21,7 @@ import numpy as np
 from .analysis import Analysis, Progress, download_stage, no_progress, preprocess
 from .errors import MediaError, TalkeditError
 from .face import CROP_SIZE, paste_face_yuv
-from .generate import generate_chains, plan_chains
+from .generate import CHAIN_OVERLAP, CHAIN_SECONDS, generate_chains, plan_chains
 from .media import (
     DEFAULT_CRF,
     VideoInfo,
@@ -58,6 +58,8 @@ class DubOptions:
     face: str | None = None  # which face: rank ("2") or point ("x,y"); default the largest
     fit: Fit | None = None  # speech longer than the video: pingpong (default), loop, hold; shorter: trim
     batch: int | None = None  # chains sampled per UNet call (default: 16 on CUDA, 1 on CPU)
+    chain_seconds: float | None = None  # a shot longer than twice this is split into chains this long (default 5)
+    overlap: int | None = None  # frames over which a chain after a split fades in (default: generate.CHAIN_OVERLAP)
     crf: int = DEFAULT_CRF  # x264 quality of the output
     analysis_dir: str | None = None  # where preprocess caches (default: the talkedit cache)
     offline: bool | None = None  # never download model files (default: the HF_HUB_OFFLINE environment variable)
@@ -136,6 +138,10 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
         raise TalkeditError(f"--sampler {options.sampler!r}: choose ddim or ddpm.")
     if options.batch is not None and options.batch < 1:
         raise TalkeditError(f"--batch {options.batch}: at least 1 chain per call.")
+    if options.chain_seconds is not None and not options.chain_seconds > 0:
+        raise TalkeditError(f"--chain-seconds {options.chain_seconds}: give a length above 0 s.")
+    if options.overlap is not None and options.overlap < 0:
+        raise TalkeditError(f"--overlap {options.overlap}: give 0 frames or more.")
     info = probe_video(video)
     # The speech is decoded once, on its file's timeline: the features and the muxed sound are the same samples.
     speech_wav = decode_speech(speech, scratch / "speech.wav")
@@ -182,7 +188,9 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
     # fp16 weights when sampling in fp16 (CUDA's default): autocast would otherwise cast every weight at every step.
     model = build_model(weights).to(device, resolve_precision(device, options.fp16) or torch.float32)
     batch = options.batch or (16 if device.type == "cuda" else 1)
-    chain_list = plan_chains(src, analysis.track, windows.mean(axis=(1, 2)), float(info.fps))
+    chain_list = plan_chains(src, analysis.track, windows.mean(axis=(1, 2)), float(info.fps),
+                             options.chain_seconds or CHAIN_SECONDS,
+                             CHAIN_OVERLAP if options.overlap is None else options.overlap)  # fmt: skip
     log.info("model %s on %s; %d chains, up to %d at a time", weights_path, device, len(chain_list), batch)
     generated = GeneratedCrops(scratch / "generated.npy", num_output)
     generate_chains(model, analysis.crops, analysis.masks, src, windows, chain_list, batch, generated,

@@ -140,6 +140,9 @@ def test_bad_options_are_one_line_errors(talkedit_home, tmp_path):
     assert result.exit_code == 1 and "--device cuda:7" in result.output
     result = runner.invoke(app, [*args, "--steps", "0"])
     assert result.exit_code == 2 and "--steps" in result.output and "Finding the face" not in result.output
+    for option, value in (("--chain-seconds", "0"), ("--overlap", "-1")):
+        result = runner.invoke(app, [*args, option, value])
+        assert result.exit_code == 2 and option in result.output and "Finding the face" not in result.output
     result = runner.invoke(app, [*args, "-o", str(tmp_path / "o.webm")])
     assert result.exit_code == 1 and ".webm" in result.output and "Finding the face" not in result.output
     result = runner.invoke(app, [*args, "--device", "toaster"])

@@ -186,3 +186,35 @@ def test_holdout_fine_tunes_on_the_head_when_asked(talkedit_home, tmp_path):
     provenance = read_weights(tuned).provenance
     assert provenance["steps"] == 2, provenance  # trained on the head: the dubs used the fine-tuned model
     assert result.cases["original"].reference.psnr == math.inf
+
+
+def test_chain_jump_is_the_mouths_change_at_chain_starts_over_its_change_elsewhere():
+    from talkedit.generate import chain_jump, mouth_change
+
+    level = np.arange(20) * 2  # the mouth changes by 2 levels a frame...
+    level[10:] += 10  # ...and by 12 into frame 10, where a chain starts
+    crops = np.broadcast_to(level.astype(np.uint8)[:, None, None, None], (20, 128, 128, 3)).copy()
+    crops[:, :, :64] = np.arange(20)[:, None, None, None] * 9  # outside the mask: ignored
+    masks = np.zeros((20, 128, 128), np.uint8)
+    masks[:, :, 64:] = 1
+    tracked = np.ones(20, bool)
+    change = mouth_change(crops, masks, tracked)
+    assert np.isnan(change[0]) and change[1:].tolist() == [2] * 9 + [12] + [2] * 9
+    assert chain_jump(change, [10]) == pytest.approx(6.0)
+    assert chain_jump(change, [5]) == pytest.approx(2 / ((2 * 17 + 12) / 18))
+    assert chain_jump(change, []) is None
+    tracked[9] = False  # no face just before the start: nothing to compare
+    assert chain_jump(mouth_change(crops, masks, tracked), [10]) is None
+
+
+def test_eval_finds_the_chain_starts_of_a_dub_made_with_other_chain_settings():
+    from talkedit.audio import SAMPLE_RATE
+    from talkedit.evaluate import _planned_chain_starts
+
+    wav = np.random.default_rng(0).normal(0, 0.1, 30 * SAMPLE_RATE).astype(np.float32)
+    track = np.zeros(750, np.int32)
+    plain = _planned_chain_starts(track, wav, 25)
+    assert plain[0] == 0 and 4 <= len(plain) <= 7  # 30 s in chains of about 5 s
+    # With an overlap, every frame of each crossfade: the three before each split and the split itself.
+    assert _planned_chain_starts(track, wav, 25, overlap=3) == [0] + [s - 3 + k for s in plain[1:] for k in range(4)]
+    assert len(_planned_chain_starts(track, wav, 25, chain_seconds=1)) >= 20

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from talkedit.analysis import preprocess
 from talkedit.cli import app
+from talkedit.errors import TalkeditError
 from talkedit.face import blend_alpha, invert, to_crop
 from talkedit.generate import Chain, plan_chains, schedule
 from talkedit.media import ffmpeg_exe, iter_yuv_frames, probe_video, read_audio
@@ -223,6 +224,23 @@ def test_chains_restart_at_track_breaks_and_jumps_and_split_long_runs_at_the_qui
     assert all(100 <= len(c.frames) <= 250 for c in plan) and sum(len(c.frames) for c in plan) == 750
 
 
+def test_an_overlap_starts_each_chain_after_a_split_early_without_moving_the_splits():
+    loudness = np.zeros(750)
+    loudness[::7] = 1
+    plain = plan_chains(np.arange(750), np.zeros(750, int), loudness, 25)
+    plan = plan_chains(np.arange(750), np.zeros(750, int), loudness, 25, overlap=4)
+    assert len(plan) == len(plain) >= 3
+    assert plan[0].lead == 0 and plan[0].frames == plain[0].frames  # the shot's first chain has nothing to fade into
+    for before, chain, alone in zip(plan[:-1], plan[1:], plain[1:], strict=True):
+        assert chain.lead == 4 and chain.frames == list(range(alone.start - 4, alone.frames[-1] + 1))
+        assert chain.frames[:4] == before.frames[-4:]
+    # Never more than half the chain before: 1 s chains split at pauses 1 and 2 s in, and an overlap of 40 frames.
+    pauses = np.ones(100)
+    pauses[[25, 50]] = 0
+    short = plan_chains(np.arange(100), np.zeros(100, int), pauses, 25, chain_seconds=1, overlap=40)
+    assert [c.lead for c in short] == [0, 12, 12] and [len(c.frames) for c in short] == [25, 37, 62]
+
+
 def test_schedule_shares_calls_across_tracks_and_waits_for_each_tracks_identity():
     chain_list = [Chain(0, list(range(0, 10))), Chain(0, list(range(10, 20))), Chain(1, list(range(30, 35)))]
     calls = list(schedule(chain_list, 3))
@@ -305,6 +323,45 @@ def test_generate_gives_the_same_result_at_any_batch_size(monkeypatch, tmp_path)
     assert seen_1 == seen_8
 
 
+def crossfade_run(monkeypatch, tmp_path, batch: int):
+    """60 frames in 1 s chains with an overlap of 3, through a fake sampler whose crops count each chain's frames:
+    blue = 4 x (position in its chain + 1), since each frame adds 4 to the blue of the frame it is conditioned on."""
+
+    from talkedit import diffusion
+    from talkedit.generate import generate_chains
+    from talkedit.pipeline import GeneratedCrops
+
+    def fake_sample_frames(model, y0, mask, previous, identity, audio, *, generator, **kwargs):
+        out = previous.clone()
+        out[:, 0] = y0[:, 0]  # red: which frame
+        out[:, 2] = previous[:, 2] + 4 / 127.5
+        return out
+
+    monkeypatch.setattr(diffusion, "sample_frames", fake_sample_frames)
+    analysis = FakeAnalysis(np.zeros(60, np.int32))
+    chains = plan_chains(np.arange(60), analysis.track, np.zeros(60), 25, chain_seconds=1, overlap=3)
+    generated = GeneratedCrops(tmp_path / f"crossfade-{batch}.npy", 60)
+    windows = np.zeros((60, 4, 256), np.float32)
+    generate_chains(None, analysis.crops, analysis.masks, np.arange(60), windows, chains, batch, generated, seed=0)
+    return chains, np.stack([generated[j] for j in range(60)])
+
+
+def test_a_chain_with_a_lead_fades_in_over_the_chain_before_it_whatever_the_batch(monkeypatch, tmp_path):
+    chains, crops = crossfade_run(monkeypatch, tmp_path, batch=8)
+    assert [c.lead for c in chains] == [0, 3] and chains[1].start == chains[0].frames[-3]
+    assert (crops[:, 0, 0, 0] == np.arange(60)).all()  # every frame's own crop, written once
+    blue = crops[:, 0, 0, 2].astype(int)
+    first, second = chains
+    assert blue[first.frames[:-3]].tolist() == [4 * (p + 1) for p in range(len(first.frames) - 3)]
+    for p, j in enumerate(second.frames[:3]):  # the later chain's weight rises 1/4, 2/4, 3/4
+        w, q = (p + 1) / 4, first.frames.index(j)
+        assert blue[j] == round(w * 4 * (p + 1) + (1 - w) * 4 * (q + 1))
+    # After its lead the second chain goes on from its own frames, not the blend.
+    assert blue[second.frames[3:]].tolist() == [4 * (p + 1) for p in range(3, len(second.frames))]
+    _, one_at_a_time = crossfade_run(monkeypatch, tmp_path, batch=1)
+    assert (one_at_a_time == crops).all()
+
+
 @pytest.mark.parametrize(
     "name", ["lrs2_00009_male_headturn_160x160_25fps.mp4", "grid_swiz3n_black_male_360x288_25fps.mpg"]
 )
@@ -340,6 +397,32 @@ def test_same_seed_same_video_at_any_batch(talkedit_home, tmp_path, batch):
     frames = [ffmpeg_frames(o) for o in outs]
     assert np.array_equal(frames[0], frames[1])
     assert not np.array_equal(frames[0], frames[2])
+
+
+def test_dub_plans_chains_with_the_chain_length_and_overlap_asked_for(talkedit_home, tmp_path, monkeypatch):
+    from talkedit import pipeline
+
+    _, tiny = talkedit_home
+    plans = []
+
+    def spy(model, crops, masks, src, windows, chain_list, *args, **kwargs):
+        plans.append(chain_list)
+        return generate_chains(model, crops, masks, src, windows, chain_list, *args, **kwargs)
+
+    generate_chains = pipeline.generate_chains
+    monkeypatch.setattr(pipeline, "generate_chains", spy)
+    clip, speech = (
+        media("grid_swiz3n_black_male_360x288_25fps.mpg"),
+        media("en_short_voice_recording_22k05_mono_1.8s.m4a"),
+    )
+    dub(clip, speech, tmp_path / "a.mp4", DubOptions(model=str(tiny), steps=1, chain_seconds=0.4, overlap=2))
+    dub(clip, speech, tmp_path / "b.mp4", DubOptions(model=str(tiny), steps=1))
+    split, whole = plans
+    assert len(split) >= 3 and [c.lead for c in split] == [0] + [2] * (len(split) - 1)
+    assert len(whole) == 1  # 1.8 s: one chain at the default 5 s
+    with pytest.raises(TalkeditError, match="--chain-seconds"):
+        dub(clip, speech, tmp_path / "c.mp4", DubOptions(model=str(tiny), chain_seconds=0))
+    assert not (tmp_path / "c.mp4").exists()
 
 
 def test_non_square_pixels_keep_their_display_aspect_and_align_as_displayed(talkedit_home, tmp_path):
