@@ -70,7 +70,8 @@ def worker(args: argparse.Namespace) -> None:
     def progress(stage: str, done: int, total: int) -> None:
         peak_by_stage[stage] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    options = DubOptions(model=args.model_path, steps=args.steps, device=args.device, batch=args.batch)
+    options = DubOptions(model=args.model_path, steps=args.steps, device=args.device, batch=args.batch,
+                         chain_seconds=args.chain_seconds, overlap=args.overlap)  # fmt: skip
     start = time.perf_counter()
     result = dub(args.video, args.speech, args.output, options, progress=progress)
     print(
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--chain-seconds", type=float, default=None, help="dub's --chain-seconds (default 5)")
+    parser.add_argument("--overlap", type=int, default=None, help="dub's --overlap")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     for hidden in ("--worker", "--video", "--speech", "--output", "--model-path"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -117,8 +120,9 @@ def main() -> None:
            "--output", str(folder / "out.mp4"), "--model-path", str(model), "--steps", str(args.steps)]  # fmt: skip
     if args.device:
         cmd += ["--device", args.device]
-    if args.batch:
-        cmd += ["--batch", str(args.batch)]
+    for option in ("batch", "chain_seconds", "overlap"):
+        if getattr(args, option) is not None:
+            cmd += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TALKEDIT_HOME": str(home)})
     if proc.returncode != 0:
         sys.exit(proc.stderr)
