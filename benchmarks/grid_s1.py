@@ -303,15 +303,16 @@ def held_out_frames(pack, clips: list[int], speech_of: list[int], limit: int | N
 
 
 def dub_held_out(model, pack, clips, speech_of, *, limit=None, steps=None, fp16=None, seed=0, chain_seconds=None,
-                 overlap=0, with_chains=False):  # fmt: skip
+                 overlap=None, with_chains=False):  # fmt: skip
     """Generate the stored frames of `clips` as `dub` would, all chains in the same UNet calls (each clip its own
     shot; `chain_seconds` and `overlap` as dub's options, default dub's). Returns (N, 128, 128, 3) uint8 in the
     order of `held_out_frames`, and with `with_chains` also the chain plan."""
-    from talkedit.generate import CHAIN_SECONDS, generate_chains, plan_chains
+    from talkedit.generate import CHAIN_OVERLAP, CHAIN_SECONDS, generate_chains, plan_chains
 
     rows, track, windows = held_out_frames(pack, clips, speech_of, limit)
     src = np.arange(len(rows))
-    chains = plan_chains(src, track, windows.mean(axis=(1, 2)), 25.0, chain_seconds or CHAIN_SECONDS, overlap)
+    chains = plan_chains(src, track, windows.mean(axis=(1, 2)), 25.0, chain_seconds or CHAIN_SECONDS,
+                         CHAIN_OVERLAP if overlap is None else overlap)  # fmt: skip
     out = np.zeros((len(rows), 128, 128, 3), np.uint8)
     generate_chains(model, pack.crops[rows], pack.masks[rows], src, windows, chains, len(chains), out,
                     steps=steps, fp16=fp16, seed=seed)  # fmt: skip
