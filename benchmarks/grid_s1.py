@@ -307,12 +307,11 @@ def dub_held_out(model, pack, clips, speech_of, *, limit=None, steps=None, fp16=
     """Generate the stored frames of `clips` as `dub` would, all chains in the same UNet calls (each clip its own
     shot; `chain_seconds` and `overlap` as dub's options, default dub's). Returns (N, 128, 128, 3) uint8 in the
     order of `held_out_frames`, and with `with_chains` also the chain plan."""
-    from talkedit.generate import CHAIN_OVERLAP, CHAIN_SECONDS, generate_chains, plan_chains
+    from talkedit.generate import generate_chains, plan_chains
 
     rows, track, windows = held_out_frames(pack, clips, speech_of, limit)
     src = np.arange(len(rows))
-    chains = plan_chains(src, track, windows.mean(axis=(1, 2)), 25.0, chain_seconds or CHAIN_SECONDS,
-                         CHAIN_OVERLAP if overlap is None else overlap)  # fmt: skip
+    chains = plan_chains(src, track, windows.mean(axis=(1, 2)), 25.0, chain_seconds, overlap)
     out = np.zeros((len(rows), 128, 128, 3), np.uint8)
     generate_chains(model, pack.crops[rows], pack.masks[rows], src, windows, chains, len(chains), out,
                     steps=steps, fp16=fp16, seed=seed)  # fmt: skip

@@ -213,12 +213,11 @@ def _planned_chain_starts(
     and on dub's --chain-seconds and --overlap, default when None): each chain's first frame, and with an overlap
     every frame of its crossfade."""
     from .audio import frame_windows, mel_spectrogram
-    from .generate import CHAIN_OVERLAP, CHAIN_SECONDS, plan_chains
+    from .generate import plan_chains
 
     frames = len(track)
     windows = frame_windows(mel_spectrogram(wav), frames, fps)
-    chains = plan_chains(np.arange(frames), track, windows.mean(axis=(1, 2)), float(fps),
-                         chain_seconds or CHAIN_SECONDS, CHAIN_OVERLAP if overlap is None else overlap)  # fmt: skip
+    chains = plan_chains(np.arange(frames), track, windows.mean(axis=(1, 2)), float(fps), chain_seconds, overlap)
     return [j for c in chains for j in c.frames[: c.lead + 1]]
 
 

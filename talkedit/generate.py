@@ -49,14 +49,17 @@ def plan_chains(
     track: np.ndarray,
     loudness: np.ndarray,
     fps: float,
-    chain_seconds: float = CHAIN_SECONDS,
-    overlap: int = CHAIN_OVERLAP,
+    chain_seconds: float | None = None,
+    overlap: int | None = None,
 ) -> list[Chain]:
     """Split output frames into chains: runs where the face is tracked and the source advances by at most one frame
     within one track. Runs longer than 2 x chain_seconds are split into chains of about chain_seconds, each ending on
     the quietest frame (by `loudness`, (num_output,)) within SPLIT_SEARCH_SECONDS of an even split, where a restart
     is least visible. With `overlap`, each chain after a split starts that many frames early (at most half the chain
-    before it) and is crossfaded into it there. The plan depends on the inputs only (not on the device or batch)."""
+    before it) and is crossfaded into it there. None means the default (CHAIN_SECONDS, CHAIN_OVERLAP). The plan
+    depends on the inputs only (not on the device or batch)."""
+    chain_seconds = CHAIN_SECONDS if chain_seconds is None else chain_seconds
+    overlap = CHAIN_OVERLAP if overlap is None else overlap
     runs: list[list[int]] = []
     for j, s in enumerate(src):
         if track[s] < 0:

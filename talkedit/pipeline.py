@@ -21,7 +21,7 @@ import numpy as np
 from .analysis import Analysis, Progress, download_stage, no_progress, preprocess
 from .errors import MediaError, TalkeditError
 from .face import CROP_SIZE, paste_face_yuv
-from .generate import CHAIN_OVERLAP, CHAIN_SECONDS, generate_chains, plan_chains
+from .generate import generate_chains, plan_chains
 from .media import (
     DEFAULT_CRF,
     VideoInfo,
@@ -188,9 +188,8 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
     # fp16 weights when sampling in fp16 (CUDA's default): autocast would otherwise cast every weight at every step.
     model = build_model(weights).to(device, resolve_precision(device, options.fp16) or torch.float32)
     batch = options.batch or (16 if device.type == "cuda" else 1)
-    chain_list = plan_chains(src, analysis.track, windows.mean(axis=(1, 2)), float(info.fps),
-                             options.chain_seconds or CHAIN_SECONDS,
-                             CHAIN_OVERLAP if options.overlap is None else options.overlap)  # fmt: skip
+    chain_list = plan_chains(src, analysis.track, windows.mean(axis=(1, 2)), float(info.fps), options.chain_seconds,
+                             options.overlap)  # fmt: skip
     log.info("model %s on %s; %d chains, up to %d at a time", weights_path, device, len(chain_list), batch)
     generated = GeneratedCrops(scratch / "generated.npy", num_output)
     generate_chains(model, analysis.crops, analysis.masks, src, windows, chain_list, batch, generated,
