@@ -1,4 +1,4 @@
-"""End-to-end dub benchmark on a 60 s 1080p clip: seconds per stage and peak memory.
+"""End-to-end dub benchmark on a 60 s 1080p clip: seconds per stage, the stage that bounds it, and peak memory.
 
     python benchmarks/dub.py                       # tiny random model, 2 steps: measures everything but the UNet
     python benchmarks/dub.py --model full --steps 50   # the full-size UNet (random weights), for a GPU
@@ -129,8 +129,13 @@ def main() -> None:
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"model {args.model}, {args.steps} steps; {r['frames']} frames written, {r['generated']} generated")
     for stage, seconds in r["stages"].items():
-        print(f"  {stage:<9} {seconds:8.1f} s")
-    print(f"  total     {r['seconds']:8.1f} s")
+        print(f"  {stage:<13} {seconds:8.1f} s")
+    print(f"  total         {r['seconds']:8.1f} s  ({r['seconds'] / speech_seconds:.2f} s per second of video)")
+    stages = r["stages"]  # generate and write run side by side: the busier of the two bounds that part
+    busy = stages["write"] - stages["write waiting"]
+    bound = "the generation (the UNet)" if stages["generate"] >= busy else "the writing (decode, paste, encode)"
+    print(f"generate and write overlap: generating took {stages['generate']:.1f} s, the writer was busy {busy:.1f} s "
+          f"(and waited {stages['write waiting']:.1f} s for crops); bound by {bound}")  # fmt: skip
     print(f"peak RSS of the dub process: {r['peak_rss_mib']:.0f} MiB (by stage: "
           + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_rss_by_stage_mib"].items()) + ")")  # fmt: skip
     print("peak RSS under 2 GiB:", "yes" if r["peak_rss_mib"] < 2048 else "NO")

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional, TypeVar
@@ -196,17 +197,19 @@ class StageProgress:
             console=stderr,
         )
         self.tasks: dict[str, int] = {}
+        self.lock = threading.Lock()  # dub generates on one thread and writes on another
 
     def __call__(self, stage: str, done: int, total: int, note: str | None = None) -> None:
         if self.quiet:
             return
-        if not self.tasks:
-            self.progress.start()  # only once there is something to show: an early error prints alone
-        if stage not in self.tasks:
-            label = self.LABELS.get(stage, stage.replace("download ", "Downloading "))
-            self.tasks[stage] = self.progress.add_task(label, total=total, note="")
-        fields = {"note": note} if note is not None else {}
-        self.progress.update(self.tasks[stage], completed=done, total=max(total, done), **fields)
+        with self.lock:
+            if not self.tasks:
+                self.progress.start()  # only once there is something to show: an early error prints alone
+            if stage not in self.tasks:
+                label = self.LABELS.get(stage, stage.replace("download ", "Downloading "))
+                self.tasks[stage] = self.progress.add_task(label, total=total, note="")
+            fields = {"note": note} if note is not None else {}
+            self.progress.update(self.tasks[stage], completed=done, total=max(total, done), **fields)
 
     def __enter__(self) -> StageProgress:
         return self

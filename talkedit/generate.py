@@ -133,6 +133,7 @@ def generate_chains(
     fp16: bool | None = None,
     guidance: float = 1.0,
     progress: Callable[[str, int, int], None] | None = None,
+    step_callback: Callable | None = None,
 ) -> None:
     """Run the chains as `schedule` says, one frame of up to `batch` chains per UNet call, into `generated`.
 
@@ -145,7 +146,8 @@ def generate_chains(
     A chain's first frame conditions on its own original crop (spec §6), later frames on the chain's previous
     generated frame; every frame of a track on the track's identity frame (its first generated frame). Where a chain
     has a lead (see `plan_chains`), its crops there fade in linearly over the previous chain's: a crop waits in memory
-    for its partner, so at most about `batch` x lead crops wait at once.
+    for its partner, so at most about `batch` x lead crops wait at once. `step_callback` goes to `sample_frames` as
+    its `callback` (called after every sampling step; it may raise to stop).
     """
     import torch
 
@@ -179,6 +181,7 @@ def generate_chains(
             generator=[generators[k] for k, _ in call],
             fp16=fp16,
             guidance=guidance,
+            callback=step_callback,
         )
         if not torch.isfinite(out).all():  # NaN would quantise to black mouths and exit 0
             where = " in fp16 (try --fp32)" if fp16 or (fp16 is None and out.is_cuda) else ""

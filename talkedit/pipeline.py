@@ -1,8 +1,8 @@
 """`dub`: the whole edit, from a user's files to a finished video. Reports progress through a callback, never prints.
 
 check inputs (cheap first) -> fetch/verify the model -> preprocess (see analysis.py; cached) -> speech features
--> sample the mouth of every output frame (autoregressive chains, several chains per UNet call)
--> pass 3: decode (the source's own Y'CbCr) -> paste the mouth -> encode + mux the speech
+-> sample the mouth of every output frame (autoregressive chains, several chains per UNet call), on a thread of its own
+-> beside it, in output order as the crops come: decode (the source's own Y'CbCr) -> paste the mouth -> encode + mux
 """
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -183,42 +186,36 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
     windows = frame_windows(mel_spectrogram(wav), num_output, info.fps)
     stages["speech"] = time.perf_counter() - t
 
-    # 4. Sample.
-    t = time.perf_counter()
+    # 4. Sample the mouths on a second thread while (5.) this one decodes the source, pastes each mouth as it comes in
+    # the source's own Y'CbCr codes, and encodes, in output order: decoding and x264 run while the UNet samples. The
+    # frames are the same as when one stage follows the other. Writing stays on the main thread, where a signal
+    # lands, so an interruption removes the partial file as before; the generation stops at its next step.
     # fp16 weights when sampling in fp16 (CUDA's default): autocast would otherwise cast every weight at every step.
     model = build_model(weights).to(device, resolve_precision(device, options.fp16) or torch.float32)
     batch = options.batch or (16 if device.type == "cuda" else 1)
     chain_list = plan_chains(src, analysis.track, windows.mean(axis=(1, 2)), float(info.fps), options.chain_seconds,
                              options.overlap)  # fmt: skip
     log.info("model %s on %s; %d chains, up to %d at a time", weights_path, device, len(chain_list), batch)
-    generated = GeneratedCrops(scratch / "generated.npy", num_output)
-    generate_chains(model, analysis.crops, analysis.masks, src, windows, chain_list, batch, generated,
-                    sampler=options.sampler, steps=options.steps, seed=options.seed, fp16=options.fp16,
-                    guidance=options.guidance, progress=progress)  # fmt: skip
-    stages["generate"] = time.perf_counter() - t
-    if generated.count == 0:
+    if not chain_list:
         log.warning("no frame has a tracked face: the video is written with its picture unchanged")
-
-    # 5. Paste and encode, in the source's own Y'CbCr codes.
+    generated = GeneratedCrops(scratch / "generated.npy", num_output, [j for c in chain_list for j in c.frames])
+    generate = partial(generate_chains, model, analysis.crops, analysis.masks, src, windows, chain_list, batch,
+                       generated, sampler=options.sampler, steps=options.steps, seed=options.seed, fp16=options.fp16,
+                       guidance=options.guidance, progress=progress, step_callback=generated.check)  # fmt: skip
+    generation = _GenerateThread(generate, generated)
     t = time.perf_counter()
-    done = 0
-    writer = VideoWriter(
-        output, info.width, info.height, info.fps, audio=speech_wav, crf=options.crf, colour=info.colour, sar=info.sar
-    )
-    with writer:
-        for j, frame in enumerate(_frames_in_order(info, src)):
-            if (crop := generated[j]) is not None:
-                s = src[j]
-                frame = paste_face_yuv(
-                    frame, crop, analysis.masks[s], analysis.matrices[s], info.matrix, info.full_range
-                )
-            writer.write(frame)
-            done += 1
-            progress("write", done, num_output)
-        if done != num_output:
-            raise MediaError(f"{video}: the decoder gave {done} of {num_output} frames; the file may be damaged.")
-        writer.close()
-    stages["write"] = time.perf_counter() - t
+    generation.start()
+    try:
+        _write(output, info, src, analysis, generated, speech_wav, options.crf, progress, generation)
+    except GeneratedCrops.Stopped:
+        generation.join()
+        raise generation.error from None
+    finally:
+        generated.stop()  # on an error or an interruption here, the generation ends at its next step
+        generation.join()
+    stages["generate"] = generation.seconds
+    stages["write"] = time.perf_counter() - t  # beside the generation, from its start to the finished file
+    stages["write waiting"] = generated.waited  # of which the writer waited for crops: then the generation bounds it
 
     if options.preview:
         from .media import write_image
@@ -234,23 +231,108 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
     )
 
 
+def _write(output, info: VideoInfo, src: np.ndarray, analysis: Analysis, generated: GeneratedCrops, speech_wav: Path,
+           crf: int, progress: Progress, generation: _GenerateThread) -> None:  # fmt: skip
+    """Decode the source frames `src` lists, paste each one's generated mouth as it comes, encode and mux the speech."""
+    writer = VideoWriter(
+        output, info.width, info.height, info.fps, audio=speech_wav, crf=crf, colour=info.colour, sar=info.sar
+    )
+    done = 0
+    with writer, closing(_frames_in_order(info, src)) as frames:
+        for j, frame in enumerate(frames):
+            if (crop := generated.wait(j)) is not None:
+                s = src[j]
+                frame = paste_face_yuv(
+                    frame, crop, analysis.masks[s], analysis.matrices[s], info.matrix, info.full_range
+                )
+            writer.write(frame)
+            done += 1
+            progress("write", done, len(src))
+        if done != len(src):
+            raise MediaError(f"{info.path}: the decoder gave {done} of {len(src)} frames; the file may be damaged.")
+        generation.join()  # every crop is in; the generation is only returning
+        if generation.error is not None:
+            raise generation.error
+        writer.close()
+
+
+class _GenerateThread(threading.Thread):
+    """Runs the generation beside the writer. An error is kept for the writer's thread to raise, and stops the writer
+    (whose next `wait` then raises GeneratedCrops.Stopped)."""
+
+    def __init__(self, generate, generated: GeneratedCrops) -> None:
+        super().__init__(name="talkedit-generate", daemon=True)
+        self.generate, self.generated = generate, generated
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+    def run(self) -> None:
+        t = time.perf_counter()
+        try:
+            self.generate()
+        except GeneratedCrops.Stopped:
+            pass  # the writer stopped it, and reports why
+        except BaseException as exc:  # handed to the writer's thread, which raises it
+            self.error = exc
+            self.generated.stop()
+        self.seconds = time.perf_counter() - t
+
+
 class GeneratedCrops:
     """The generated mouth crops of every output frame, kept on disk (a memory-mapped array in the scratch folder),
-    so that memory stays bounded however long the speech is. Indexing gives a (128, 128, 3) uint8 crop or None."""
+    so that memory stays bounded however long the speech is. Indexing gives a (128, 128, 3) uint8 crop or None.
 
-    def __init__(self, path: Path, num_output: int) -> None:
+    Written by the generation and read by the writer thread: `wait(j)` blocks until crop j is there, or returns None
+    at once for a frame no chain covers (`expected`). `stop()` ends both sides: each then raises `Stopped`.
+    """
+
+    class Stopped(Exception):
+        """The other side of a dub failed or was interrupted."""
+
+    def __init__(self, path: Path, num_output: int, expected: list[int] | None = None) -> None:
         self.path, self.num_output = path, num_output
         self.crops: np.ndarray | None = None  # created on the first write: a dub without a face needs no file
         self.done = np.zeros(num_output, bool)
+        self.expected = np.zeros(num_output, bool)
+        self.expected[expected if expected is not None else slice(None)] = True
+        self.stopped = False
+        self.waited = 0.0  # seconds `wait` spent waiting
+        self._changed = threading.Condition()
 
     def __setitem__(self, j: int, crop: np.ndarray) -> None:
-        if self.crops is None:
-            self.crops = self._create()
-        self.crops[j] = crop
-        self.done[j] = True
+        with self._changed:
+            if self.stopped:
+                raise self.Stopped
+            if self.crops is None:
+                self.crops = self._create()
+            self.crops[j] = crop
+            self.done[j] = True
+            self._changed.notify_all()
 
     def __getitem__(self, j: int) -> np.ndarray | None:
         return np.asarray(self.crops[j]) if self.done[j] else None
+
+    def wait(self, j: int) -> np.ndarray | None:
+        """Crop j once it has been generated; None for a frame without a face."""
+        with self._changed:
+            if self.expected[j] and not self.done[j]:
+                t = time.perf_counter()
+                while not self.done[j] and not self.stopped:
+                    self._changed.wait()
+                self.waited += time.perf_counter() - t
+            if self.stopped:
+                raise self.Stopped
+            return self[j]
+
+    def check(self, *_) -> None:
+        """Raise Stopped if the dub has been stopped (the generation calls this at every sampling step)."""
+        if self.stopped:
+            raise self.Stopped
+
+    def stop(self) -> None:
+        with self._changed:
+            self.stopped = True
+            self._changed.notify_all()
 
     def _create(self) -> np.ndarray:
         """The memory-mapped file, its blocks reserved at once: on a full disk a write to the map would otherwise kill

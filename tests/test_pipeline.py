@@ -425,6 +425,126 @@ def test_dub_plans_chains_with_the_chain_length_and_overlap_asked_for(talkedit_h
     assert not (tmp_path / "c.mp4").exists()
 
 
+def test_generated_crops_hand_each_crop_over_as_it_comes_and_stop_both_sides(tmp_path):
+    import threading
+
+    from talkedit.pipeline import GeneratedCrops
+
+    generated = GeneratedCrops(tmp_path / "g.npy", 4, expected=[1, 2])
+    assert generated.wait(0) is None  # no chain covers frame 0: nothing to wait for
+    got, stopped = {}, []
+
+    def wait_for(j: int) -> None:
+        try:
+            got[j] = generated.wait(j)
+        except GeneratedCrops.Stopped:
+            stopped.append(j)
+
+    reader = threading.Thread(target=wait_for, args=(1,))
+    reader.start()
+    reader.join(0.3)
+    assert reader.is_alive()  # crop 1 is not there yet
+    generated[1] = np.full((128, 128, 3), 7, np.uint8)
+    reader.join(10)
+    assert not reader.is_alive() and (got[1] == 7).all()
+    reader = threading.Thread(target=wait_for, args=(2,))
+    reader.start()
+    reader.join(0.3)
+    assert reader.is_alive()
+    generated.stop()
+    reader.join(10)
+    assert stopped == [2] and 2 not in got
+    with pytest.raises(GeneratedCrops.Stopped):
+        generated[2] = np.zeros((128, 128, 3), np.uint8)
+    with pytest.raises(GeneratedCrops.Stopped):
+        generated.check()
+
+
+SHORT = (media("grid_swiz3n_black_male_360x288_25fps.mpg"), media("en_short_voice_recording_22k05_mono_1.8s.m4a"))
+
+
+@pytest.fixture()
+def paced(monkeypatch):
+    """The real sampler, counted, that waits before each call after the first until the dub has written a frame:
+    the generation can only finish if the writer runs beside it. `wrote` is set by `progress`."""
+    import threading
+
+    from talkedit import diffusion
+
+    state = {"calls": 0, "waits": [], "wrote": threading.Event(), "fail_at": None}
+    real = diffusion.sample_frames
+
+    def sample_frames(*args, **kwargs):
+        state["calls"] += 1
+        if state["calls"] > 1 and all(state["waits"]):  # after one wait in vain, no more
+            state["waits"].append(state["wrote"].wait(30))
+        if state["calls"] == state["fail_at"]:
+            raise TalkeditError("the model produced NaN or infinite pixels (a test's)")
+        return real(*args, **kwargs)
+
+    def progress(stage: str, done: int, total: int, note=None) -> None:
+        if stage == "write":
+            state["wrote"].set()
+
+    monkeypatch.setattr(diffusion, "sample_frames", sample_frames)
+    state["progress"] = progress
+    return state
+
+
+def test_dub_writes_while_it_generates(talkedit_home, tmp_path, paced):
+    import threading
+
+    _, tiny = talkedit_home
+    result = dub(
+        *SHORT, tmp_path / "out.mp4", DubOptions(model=str(tiny), steps=1, batch=1), progress=paced["progress"]
+    )
+    assert result.frames_generated == paced["calls"] == result.frames_written > 40  # one chain, a frame per call
+    assert all(paced["waits"])  # frames were written before the generation was done
+    assert result.stage_seconds["write waiting"] <= result.stage_seconds["write"]
+    assert not any(t.name == "talkedit-generate" for t in threading.enumerate())
+
+
+def test_a_generation_error_mid_dub_stops_the_writer_and_leaves_no_file(talkedit_home, tmp_path, paced):
+    _, tiny = talkedit_home
+    paced["fail_at"] = 5
+    with pytest.raises(TalkeditError, match="NaN or infinite pixels"):
+        dub(*SHORT, tmp_path / "out.mp4", DubOptions(model=str(tiny), steps=1, batch=1), progress=paced["progress"])
+    assert paced["wrote"].is_set()  # the writer had begun
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the output nor its partial file
+
+
+def test_a_writer_error_or_an_interruption_stops_the_generation(talkedit_home, tmp_path, paced, monkeypatch):
+    import threading
+
+    from talkedit import media as media_module
+    from talkedit.errors import MediaError
+
+    _, tiny = talkedit_home
+    real_write = media_module.VideoWriter.write
+
+    def failing_write(self, frame):
+        if self.frames == 3:
+            raise MediaError(f"{self.output}: the disk is gone (a test's)")
+        real_write(self, frame)
+
+    monkeypatch.setattr(media_module.VideoWriter, "write", failing_write)
+    with pytest.raises(MediaError, match="the disk is gone"):
+        dub(*SHORT, tmp_path / "a.mp4", DubOptions(model=str(tiny), steps=1, batch=1), progress=paced["progress"])
+    assert paced["calls"] < 40 and not any(t.name == "talkedit-generate" for t in threading.enumerate())
+    monkeypatch.setattr(media_module.VideoWriter, "write", real_write)
+
+    def interrupt(stage: str, done: int, total: int, note=None) -> None:
+        paced["progress"](stage, done, total)
+        if stage == "write" and done == 3:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+
+    paced["calls"], paced["wrote"] = 0, threading.Event()
+    with pytest.raises(KeyboardInterrupt):
+        dub(*SHORT, tmp_path / "b.mp4", DubOptions(model=str(tiny), steps=1, batch=1), progress=interrupt)
+    assert paced["calls"] < 40 and not any(t.name == "talkedit-generate" for t in threading.enumerate())
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_non_square_pixels_keep_their_display_aspect_and_align_as_displayed(talkedit_home, tmp_path):
     """A 360x288 clip with 16:11 pixels: the dub keeps the pixel aspect, and the face is aligned as it is seen (its
     crops match those of the same clip resized to square pixels), not stretched."""
