@@ -63,7 +63,10 @@ def make_model(folder: Path, kind: str) -> Path:
 
 
 def worker(args: argparse.Namespace) -> None:
+    from talkedit import pipeline
     from talkedit.pipeline import DubOptions, dub
+
+    pipeline.WRITE_BESIDE_GENERATION = args.write_beside == "yes"
 
     peak_by_stage: dict[str, float] = {}
 
@@ -98,6 +101,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--chain-seconds", type=float, default=None, help="dub's --chain-seconds (default 5)")
     parser.add_argument("--overlap", type=int, default=None, help="dub's --overlap")
+    parser.add_argument("--write-beside", choices=["yes", "no"], default="yes",
+                        help="write the video while the mouths are generated (yes, as dub does) or after")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     for hidden in ("--worker", "--video", "--speech", "--output", "--model-path"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -120,6 +125,7 @@ def main() -> None:
            "--output", str(folder / "out.mp4"), "--model-path", str(model), "--steps", str(args.steps)]  # fmt: skip
     if args.device:
         cmd += ["--device", args.device]
+    cmd += ["--write-beside", args.write_beside]
     for option in ("batch", "chain_seconds", "overlap"):
         if getattr(args, option) is not None:
             cmd += [f"--{option.replace('_', '-')}", str(getattr(args, option))]

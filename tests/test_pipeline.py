@@ -463,6 +463,19 @@ def test_generated_crops_hand_each_crop_over_as_it_comes_and_stop_both_sides(tmp
 SHORT = (media("grid_swiz3n_black_male_360x288_25fps.mpg"), media("en_short_voice_recording_22k05_mono_1.8s.m4a"))
 
 
+def test_with_writing_after_the_generation_the_stages_follow_each_other(talkedit_home, tmp_path, monkeypatch):
+    """WRITE_BESIDE_GENERATION = False (benchmarks/dub.py --write-beside no): all generating first, then writing."""
+    from talkedit import pipeline
+
+    _, tiny = talkedit_home
+    monkeypatch.setattr(pipeline, "WRITE_BESIDE_GENERATION", False)
+    events = []
+    dub(*SHORT, tmp_path / "out.mp4", DubOptions(model=str(tiny), steps=1, batch=1),
+        progress=lambda stage, done, total, note=None: events.append(stage))  # fmt: skip
+    stages = [stage for stage in events if stage in ("generate", "write")]
+    assert stages == sorted(stages) and stages.count("generate") > 40 and "write" in stages
+
+
 @pytest.fixture()
 def paced(monkeypatch):
     """The real sampler, counted, that waits before each call after the first until the dub has written a frame:
