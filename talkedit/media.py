@@ -461,6 +461,52 @@ class _StderrTail(threading.Thread):
         self.stream.close()
 
 
+class _FrameReader(threading.Thread):
+    """Reads raw frames of `frame_bytes` from a decoder's pipe ahead of their consumer, up to READ_AHEAD_BYTES, so
+    that ffmpeg decodes the next frames while the consumer works on this one (a pipe holds 64 KB, a fraction of a
+    frame: without this, decoding and the consumer's work would take turns)."""
+
+    def __init__(self, stream, frame_bytes: int) -> None:
+        import queue
+
+        super().__init__(daemon=True)
+        self.stream, self.frame_bytes = stream, frame_bytes
+        self.frames: queue.Queue = queue.Queue(maxsize=max(2, READ_AHEAD_BYTES // frame_bytes))
+        self.stop = threading.Event()  # the consumer is gone: read no more
+        self.start()
+
+    def run(self) -> None:
+        import queue
+
+        try:
+            while not self.stop.is_set():
+                frame = np.empty(self.frame_bytes, np.uint8)
+                view, filled = memoryview(frame), 0
+                while filled < self.frame_bytes and (n := self.stream.readinto(view[filled:])):
+                    filled += n
+                if filled < self.frame_bytes:
+                    break
+                while not self.stop.is_set():
+                    try:
+                        self.frames.put(frame, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except (OSError, ValueError):
+            pass  # the pipe was closed under it: the consumer stopped
+        finally:
+            while not self.stop.is_set():  # the end of the stream (a consumer that stopped needs no word)
+                try:
+                    self.frames.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def get(self) -> np.ndarray | None:
+        """The next frame, (frame_bytes,) uint8; None at the end of the stream."""
+        return self.frames.get()
+
+
 @dataclass
 class YUVFrame:
     """One 8-bit Y'CbCr 4:2:0 frame: y (H, W), u and v (⌈H/2⌉, ⌈W/2⌉) uint8, views of one buffer."""
@@ -494,6 +540,9 @@ class YUVFrame:
 
     def copy(self) -> YUVFrame:
         return YUVFrame(self.buffer.copy(), self.height, self.width)
+
+
+READ_AHEAD_BYTES = 32 << 20  # decoded frames read ahead of their consumer (at least two)
 
 
 def _decode_pix_fmt(info: VideoInfo) -> str:
@@ -530,22 +579,20 @@ def _decode(info: VideoInfo, pix_fmt: str, frame_bytes: int, start: int) -> Iter
     args = ffmpeg.output(video, "pipe:", **out_opts).global_args("-v", "error", "-nostdin").get_args()
     proc = subprocess.Popen([ffmpeg_exe(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tail = _StderrTail(proc.stderr)
-    index = 0
+    reader = _FrameReader(proc.stdout, frame_bytes)
+    index, ended = 0, False
     try:
-        while True:
-            frame = np.empty(frame_bytes, np.uint8)
-            view, filled = memoryview(frame), 0
-            while filled < frame_bytes and (n := proc.stdout.readinto(view[filled:])):
-                filled += n
-            if filled < frame_bytes:
-                break
+        while (frame := reader.get()) is not None:
             if index >= skip:
                 yield frame
             index += 1
+        ended = True
     finally:
+        reader.stop.set()
+        if not ended and proc.poll() is None:
+            proc.kill()  # the consumer stopped early; a reader blocked on the pipe then reads its end
+        reader.join()
         proc.stdout.close()
-        if proc.poll() is None:
-            proc.kill()
         proc.wait()
         tail.finish()
     # Only reached when the stream ended by itself (a consumer that stops early closes the generator above).

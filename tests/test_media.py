@@ -318,3 +318,44 @@ def test_ffmpeg_stopped_by_a_signal_says_which():
     assert "SIGXFSZ" in _ffmpeg_message(b"", returncode=-signal.SIGXFSZ)
     assert "SIGKILL" in _ffmpeg_message(b"", returncode=-signal.SIGKILL)
     assert _ffmpeg_message(b"[mov,mp4 @ 0x55d0c0a7e080] moov atom not found\n") == "moov atom not found"
+
+
+def test_frames_are_read_ahead_of_their_consumer_and_the_reader_stops_with_it(monkeypatch):
+    """A pipe holds less than a frame: without reading ahead, ffmpeg would wait while the consumer works."""
+    import io
+    import time
+
+    from talkedit import media as media_module
+
+    monkeypatch.setattr(media_module, "READ_AHEAD_BYTES", 30)  # three frames of 10 bytes
+    data = bytes(range(60)) + b"\xff" * 5  # six frames and a cut-off seventh
+    reader = media_module._FrameReader(io.BytesIO(data), 10)
+    deadline = time.monotonic() + 10
+    while reader.frames.qsize() < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reader.frames.qsize() == 3  # read ahead as far as allowed, no further
+    frames = [reader.get() for _ in range(6)]
+    assert [f.tobytes() for f in frames] == [bytes(range(10 * k, 10 * k + 10)) for k in range(6)]
+    assert reader.get() is None  # the partial frame is dropped; the end is signalled
+    reader.join(10)
+    assert not reader.is_alive()
+
+    stopped = media_module._FrameReader(io.BytesIO(data), 10)  # a consumer that leaves after one frame
+    assert stopped.get() is not None
+    stopped.stop.set()
+    stopped.join(10)
+    assert not stopped.is_alive()  # no thread left blocked on its full queue
+
+
+def test_a_consumer_that_stops_early_leaves_no_decoder_running(monkeypatch):
+    import threading
+
+    from talkedit import media as media_module
+
+    monkeypatch.setattr(media_module, "READ_AHEAD_BYTES", 1)  # two frames ahead: the reader waits on a full queue
+    info = probe_video(media("grid_swiz3n_black_male_360x288_25fps.mpg"))
+    before = threading.active_count()
+    frames = iter_frames(info)
+    first = [next(frames) for _ in range(3)]
+    frames.close()
+    assert len(first) == 3 and threading.active_count() == before
