@@ -3,6 +3,7 @@
     python benchmarks/dub.py                       # tiny random model, 2 steps: measures everything but the UNet
     python benchmarks/dub.py --model full --steps 50   # the full-size UNet (random weights), for a GPU
     python benchmarks/dub.py --speech-seconds 120      # speech twice the video's length: --fit pingpong
+    python benchmarks/dub.py --model full --steps 50 --cuda-graphs yes   # the UNet replayed from CUDA graphs
 
 The clip is made from a real one in ../shared/media (the restaurant clip, upscaled to 1920x1080 and looped to 60 s),
 the speech by looping a real recording to the same length. Needs ../shared/models/face_landmarker.task.
@@ -67,6 +68,7 @@ def worker(args: argparse.Namespace) -> None:
     from talkedit.pipeline import DubOptions, dub
 
     pipeline.WRITE_BESIDE_GENERATION = args.write_beside == "yes"
+    pipeline.CUDA_GRAPHS = args.cuda_graphs == "yes"
 
     peak_by_stage: dict[str, float] = {}
 
@@ -103,6 +105,8 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=None, help="dub's --overlap")
     parser.add_argument("--write-beside", choices=["yes", "no"], default="yes",
                         help="write the video while the mouths are generated (yes, as dub does) or after")  # fmt: skip
+    parser.add_argument("--cuda-graphs", choices=["yes", "no"], default="no",
+                        help="on CUDA, replay the UNet from CUDA graphs (talkedit.cudagraph; dub: off)")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     for hidden in ("--worker", "--video", "--speech", "--output", "--model-path"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -125,7 +129,7 @@ def main() -> None:
            "--output", str(folder / "out.mp4"), "--model-path", str(model), "--steps", str(args.steps)]  # fmt: skip
     if args.device:
         cmd += ["--device", args.device]
-    cmd += ["--write-beside", args.write_beside]
+    cmd += ["--write-beside", args.write_beside, "--cuda-graphs", args.cuda_graphs]
     for option in ("batch", "chain_seconds", "overlap"):
         if getattr(args, option) is not None:
             cmd += [f"--{option.replace('_', '-')}", str(getattr(args, option))]

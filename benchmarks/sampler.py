@@ -3,6 +3,7 @@
     python benchmarks/sampler.py                      # CUDA when present, else CPU with a few frames
     python benchmarks/sampler.py --device cpu --frames 1
     python benchmarks/sampler.py --compile reduce-overhead --channels-last   # CUDA graphs through torch.compile
+    python benchmarks/sampler.py --cuda-graphs        # CUDA graphs captured by talkedit (what dub would use)
     python benchmarks/sampler.py --profile 5          # also: where the defaults' time goes (torch.profiler)
 
 Uses the full-size UNet (the official multi-speaker config) with random weights: speed does not depend on the values.
@@ -49,6 +50,21 @@ def profile_table(sample, steps: int, cuda: bool) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=25)
 
 
+def accelerate(model, setting: dict):
+    """`model` under torch.compile (--compile) or replayed from talkedit's CUDA graphs (--cuda-graphs)."""
+    import torch
+
+    from talkedit.cudagraph import GraphedUNet
+
+    if setting["compile"] != "none":
+        compiled = torch.compile(model, mode=None if setting["compile"] == "default" else setting["compile"])
+        compiled.diffusion = model.diffusion
+        model = compiled
+    if setting.get("cuda_graphs"):
+        model = GraphedUNet(model)
+    return model
+
+
 def run_setting(setting: dict) -> dict:
     """Sample `frames` frames with one setting; returns timings and peak memory."""
     import torch
@@ -63,10 +79,7 @@ def run_setting(setting: dict) -> dict:
     model.diffusion = DiffusionConfig()
     if setting["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    if setting["compile"] != "none":
-        compiled = torch.compile(model, mode=None if setting["compile"] == "default" else setting["compile"])
-        compiled.diffusion = model.diffusion
-        model = compiled
+    model = accelerate(model, setting)
 
     batch, size = setting["batch"], 128
     g = torch.Generator().manual_seed(0)
@@ -115,10 +128,7 @@ def run_shot(setting: dict) -> dict:
     torch.manual_seed(0)
     model = UNet(UNetConfig()).eval().to(device, torch.float16 if device.type == "cuda" else torch.float32)
     model.diffusion = DiffusionConfig()
-    if setting["compile"] != "none":
-        compiled = torch.compile(model, mode=None if setting["compile"] == "default" else setting["compile"])
-        compiled.diffusion = model.diffusion
-        model = compiled
+    model = accelerate(model, setting)
     frames = round(setting["seconds"] * 25)
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (frames, 128, 128, 3), np.uint8)
@@ -128,7 +138,7 @@ def run_shot(setting: dict) -> dict:
     src = np.arange(frames)
     chains = plan_chains(src, np.zeros(frames, int), windows.mean(axis=(1, 2)), 25.0, setting["chain_seconds"])
     out = np.zeros_like(crops)
-    # Warm-up: the whole plan at one step, so that every batch size it makes is compiled (or autotuned) before timing.
+    # Warm-up: the whole plan at one step, so that every batch size it makes is compiled, captured or autotuned first.
     generate_chains(model, crops, masks, src, windows, chains, setting["batch"], out, steps=1)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -141,11 +151,12 @@ def run_shot(setting: dict) -> dict:
 def shots(args, device: str) -> None:
     """Time the generate stage of a dub of one --shot-seconds shot for each --chain-seconds."""
     print(f"generate stage of a {args.shot}s shot at 25 fps, DDIM {args.steps} steps, fp16 on CUDA, "
-          f"compile {args.compile}:")  # fmt: skip
+          f"compile {args.compile}, cuda graphs {args.cuda_graphs}:")  # fmt: skip
     print(f"{'chain s':>7} {'chains':>6} {'batch':>5} {'seconds':>8} {'s per s of video':>17}")
     for chain_seconds in args.chain_seconds:
         setting = {"kind": "shot", "device": device, "seconds": args.shot, "chain_seconds": chain_seconds,
-                   "batch": args.batch or 1024, "steps": args.steps, "compile": args.compile}  # fmt: skip
+                   "batch": args.batch or 1024, "steps": args.steps, "compile": args.compile,
+                   "cuda_graphs": args.cuda_graphs}  # fmt: skip
         out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(setting)], capture_output=True,
                              text=True, check=False)  # fmt: skip
         if out.returncode != 0:
@@ -164,6 +175,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="chains per UNet call (default: 16 on CUDA, 2 on CPU)")
     parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay talkedit's UNet calls from CUDA graphs")
     parser.add_argument(
         "--profile",
         type=int,
@@ -196,11 +208,13 @@ def main() -> None:
          "frames": max(1, frames // batch), "compile": "none", "channels_last": False},
         # talkedit: DDIM, B independent chains per UNet call, fp16 autocast on CUDA; --compile and --channels-last.
         {**common, "name": "talkedit", "sampler": "ddim", "steps": args.steps, "batch": batch, "fp16": cuda,
-         "frames": frames, "profile": args.profile, "compile": args.compile, "channels_last": args.channels_last},
+         "frames": frames, "profile": args.profile, "compile": args.compile, "channels_last": args.channels_last,
+         "cuda_graphs": args.cuda_graphs},
     ]  # fmt: skip
 
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; "
-          f"threads {torch.get_num_threads()}; compile {args.compile}; channels_last {args.channels_last}")  # fmt: skip
+          f"threads {torch.get_num_threads()}; compile {args.compile}; channels_last {args.channels_last}; "
+          f"cuda graphs {args.cuda_graphs}")  # fmt: skip
     header = f"{'setting':<10} {'sampler':<7} {'steps':>5} {'batch':>5} {'precision':<9} {'frames':>6} "
     print(header + f"{'s/frame':>9} {'peak MiB':>9} {'TFLOP/s':>8}")
     flops = unet_flops()

@@ -49,6 +49,9 @@ FITS: tuple[Fit, ...] = ("pingpong", "loop", "hold", "trim")
 # Write the video while the mouths are generated (False: after). Even on a 2-core CPU, where torch and x264 share the
 # cores, beside was faster: benchmarks/dub.py --seconds 20 (tiny model) took 258 s against 277 s one after the other.
 WRITE_BESIDE_GENERATION = True
+# On CUDA, replay the UNet's calls from CUDA graphs (talkedit.cudagraph), against the launch overhead of small batches.
+# Off until a GPU run has measured it: benchmarks/dub.py --cuda-graphs yes|no and benchmarks/sampler.py --cuda-graphs.
+CUDA_GRAPHS = False
 
 
 @dataclass
@@ -195,6 +198,10 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
     # an interruption removes the partial file; the generation stops at its next step.
     # fp16 weights when sampling in fp16 (CUDA's default): autocast would otherwise cast every weight at every step.
     model = build_model(weights).to(device, resolve_precision(device, options.fp16) or torch.float32)
+    if CUDA_GRAPHS and device.type == "cuda":
+        from .cudagraph import GraphedUNet
+
+        model = GraphedUNet(model)
     batch = options.batch or (16 if device.type == "cuda" else 1)
     chain_list = plan_chains(src, analysis.track, windows.mean(axis=(1, 2)), float(info.fps), options.chain_seconds,
                              options.overlap)  # fmt: skip
