@@ -79,6 +79,12 @@ def frame_pairs(dub: Analysis, reference: Analysis) -> Iterator[tuple[int, np.nd
     yield from zip(range(dub.frame_count), iter_frames(dub.video), iter_frames(reference.video))  # noqa: B905
 
 
+def _spread(values: np.ndarray) -> float:
+    """Standard deviation of the finite values; NaN when fewer than two are (numpy would warn)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.std()) if finite.size > 1 else float("nan")
+
+
 def score_against(
     dub: Analysis,
     reference: Analysis,
@@ -136,7 +142,7 @@ def score_against(
         accel = [np.linalg.norm(p[2:] - 2 * p[1:-1] + p[:-2], axis=2).mean(axis=1)[steady] for p in (dub_pts, ref_pts)]
         jitter = float(accel[0].mean() / max(accel[1].mean(), 1e-6))
     openings = [mouth_opening(mouth_points(a.landmarks[:total], matrices)) for a in (dub, reference)]
-    moving = [np.nanstd(np.diff(o)) for o in openings]
+    moving = [_spread(np.diff(o)) for o in openings]
     motion = float(moving[0] / moving[1]) if both.sum() > 2 and moving[1] > 0 else None
 
     # Colour drift: the largest 1 s average of the mean mask colour difference.
