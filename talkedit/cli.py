@@ -8,6 +8,7 @@ go to stderr; `--json` puts a machine-readable summary on stdout.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -868,6 +869,17 @@ def import_weights(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _one_line_paragraphs() -> None:
+    """Join the hard-wrapped lines of each command's docstring, so that its help reflows to the terminal's width:
+    rich markup mode keeps single line breaks (typer >= 0.13), which would break sentences mid-line."""
+    for info in app.registered_commands:
+        paragraphs = inspect.getdoc(info.callback).split("\n\n")
+        info.callback.__doc__ = "\n\n".join(" ".join(paragraph.split()) for paragraph in paragraphs)
+
+
+_one_line_paragraphs()
 
 
 def main() -> None:

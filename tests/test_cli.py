@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
+from rich.text import Text
 from typer.testing import CliRunner
 
 import talkedit
@@ -37,10 +39,15 @@ def test_usage_errors_exit_2():
     assert result.exit_code == 2
 
 
-def test_every_command_has_help_with_an_example():
-    for command in ("dub", "preprocess", "download-weights", "import-weights"):
-        result = runner.invoke(app, [command, "--help"])
+def test_every_command_has_help_with_an_example_and_sentences_unbroken():
+    for info in app.registered_commands:
+        command = info.name or info.callback.__name__
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "1000"})
         assert result.exit_code == 0 and "Example" in result.output, command
+        # On a wide terminal each paragraph of the docstring is one line: no line breaks from the source's wrapping.
+        lines = [" ".join(line.split()) for line in result.output.splitlines()]
+        for paragraph in inspect.getdoc(info.callback).split("\n\n"):
+            assert " ".join(Text.from_markup(paragraph).plain.split()) in lines, (command, paragraph)
 
 
 def test_download_weights_list_from_the_console_script(tmp_path):
