@@ -40,7 +40,8 @@ log = logging.getLogger("talkedit")
 ANALYSIS_VERSION = 2
 MISSING_FRAMES_ALLOWED = 3  # decoded frames may fall this far short of the probe's estimate (edit lists, last GOP)
 
-# progress(stage, done, total): stage is "download NAME", "analyse", "crop", "generate" or "write".
+# progress(stage, done, total): stage is "download NAME", "analyse", "crop", "generate", "write", ... (the labels
+# the CLI shows for them: cli.StageProgress.LABELS).
 Progress = Callable[[str, int, int], None]
 
 

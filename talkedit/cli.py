@@ -174,6 +174,9 @@ class StageProgress:
         "write": "Writing the video",
         "pack": "Packing the clips",
         "train": "Training",
+        "cut": "Cutting the clip",  # eval --holdout
+        "compare": "Comparing",  # eval --reference
+        "syncnet": "SyncNet crops",  # eval, LSE-C/D
     }
 
     def __init__(self, quiet: bool = False) -> None:

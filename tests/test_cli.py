@@ -1,14 +1,16 @@
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from rich.text import Text
 from typer.testing import CliRunner
 
 import talkedit
-from talkedit.cli import app
+from talkedit.cli import StageProgress, app
 
 from .common import run_talkedit
 
@@ -82,3 +84,11 @@ def test_json_summaries_and_quiet(talkedit_home, tmp_path):
     png = strip.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (8 * 128, 2 * 128)
+
+
+def test_every_progress_stage_the_library_reports_has_a_label():
+    """A stage without a label would show its internal name ("compare") beside "Finding the face"."""
+    source = "\n".join(path.read_text() for path in Path(talkedit.__file__).parent.glob("*.py"))
+    stages = set(re.findall(r'progress\(\s*"(\w+)"', source))
+    assert {"analyse", "generate", "compare"} <= stages  # the pattern finds them
+    assert stages <= set(StageProgress.LABELS), stages - set(StageProgress.LABELS)
