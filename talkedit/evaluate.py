@@ -158,6 +158,8 @@ def evaluate(
 def syncnet_weights(given: str | os.PathLike | None) -> tuple[Path | None, str | None]:
     """The SyncNet file to use (`given`, or the verified cached `syncnet` entry), or None and why not."""
     if given is not None:
+        if not Path(given).is_file():
+            raise TalkeditError(f"{given}: no such file; give syncnet_v2.model, or leave out --syncnet.")
         return Path(given), None
     from .download import check_cached
     from .manifest import read_manifest

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import Progress, no_progress, preprocess
+from .analysis import Progress, download_stage, no_progress, preprocess
 from .errors import TalkeditError
 from .evaluate import Evaluation, evaluate, syncnet_weights
 from .train import TrainOptions
@@ -96,12 +96,16 @@ def _holdout(clip: Path, options: HoldoutOptions, progress: Progress, work: Path
     from .audio import SAMPLE_RATE, check_speech
     from .media import decode_speech, probe_video, read_audio
     from .pipeline import DubOptions, dub
+    from .weights import read_weights, resolve_weights_path
 
     info = probe_video(clip)
     wav = read_audio(decode_speech(clip, work / "clip-speech.wav"))
     check_speech(wav, clip)
     if options.unrelated is not None and not Path(options.unrelated).exists():
         raise TalkeditError(f"{options.unrelated}: no such file; give a speech recording for the unrelated case.")
+    # The model (fetched now if need be) and SyncNet are checked before minutes of analysis and dubbing, not after.
+    read_weights(resolve_weights_path(options.model, offline=options.offline, progress=download_stage(progress)))
+    syncnet, _ = syncnet_weights(options.syncnet)  # found (and its hash checked) once for the six cases
     analysis = preprocess(clip, face=options.face, output_dir=options.analysis_dir, offline=options.offline,
                           progress=progress)  # fmt: skip
     fps, total = float(info.fps), analysis.frame_count
@@ -174,7 +178,6 @@ def _holdout(clip: Path, options: HoldoutOptions, progress: Progress, work: Path
                            options_for, progress=progress).output  # fmt: skip
 
     result = HoldoutResult(clip=clip, head_frames=head, tail_frames=tail, model=model)
-    syncnet, _ = syncnet_weights(options.syncnet)  # found (and its hash checked) once for the six cases
     for name in CASES:
         speech = speeches.get(name, tail_wav)
         result.cases[name] = evaluate(

@@ -113,7 +113,7 @@ def test_download_weights_refuses_a_foreign_syncnet_file(tmp_path):
     assert not (tmp_path / "syncnet.model").exists()
 
 
-def bad_case(kind: str, tmp):
+def bad_case(kind: str, tmp, model: str):
     video = media(GRID)
     if kind == "no-face":
         pattern = lavfi(tmp / "pattern.mp4", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25:duration=2")
@@ -131,17 +131,23 @@ def bad_case(kind: str, tmp):
     if kind == "nothing-to-judge":
         return ["eval"], "--holdout"
     if kind == "holdout-too-short":
-        return ["eval", "--holdout", str(media("hdtf_RD_Radio10_male_glasses_512_29.97fps.mp4"))], "too short"
+        clip = media("hdtf_RD_Radio10_male_glasses_512_29.97fps.mp4")
+        return ["eval", "--holdout", str(clip), "--model", model], "too short"
+    if kind == "holdout-unknown-model":
+        return ["eval", "--holdout", str(media(LONG)), "--model", "nothere"], "nothere"
+    if kind == "holdout-missing-syncnet":
+        missing = tmp / "syncnet_v2.model"
+        return ["eval", "--holdout", str(media(LONG)), "--model", model, "--syncnet", str(missing)], "syncnet_v2.model"
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize(
     "kind",
     ["no-face", "no-audio", "reference-of-another-length", "missing-reference", "report-not-png", "nothing-to-judge",
-     "holdout-too-short"],
+     "holdout-too-short", "holdout-unknown-model", "holdout-missing-syncnet"],
 )  # fmt: skip
 def test_bad_input_gives_one_line_and_exit_1(talkedit_home, tmp_path, kind):
-    args, named = bad_case(kind, tmp_path)
+    args, named = bad_case(kind, tmp_path, str(talkedit_home[1]))
     done = run_talkedit(*args, "--offline")
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
@@ -150,6 +156,8 @@ def test_bad_input_gives_one_line_and_exit_1(talkedit_home, tmp_path, kind):
     # Nothing else but progress bars.
     others = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("error:")]
     assert all("━" in line for line in others), done.stderr
+    if kind in ("holdout-unknown-model", "holdout-missing-syncnet"):
+        assert others == [], "found before any analysis or dub, not after"
 
 
 def test_evaluate_accepts_a_dub_shorter_than_its_reference(talkedit_home, tmp_path):
