@@ -20,6 +20,17 @@ from typing import Annotated, Optional, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Column
+from rich.text import Text
 
 from . import __version__
 from .errors import TalkeditError
@@ -164,6 +175,14 @@ def _setup(cache_dir: Path | None, quiet: bool, verbose: bool) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
 
 
+class _NoteColumn(ProgressColumn):
+    """A stage's note (training's loss and validation) on one line, cut short with … where the terminal is narrow,
+    rather than squeezing the bar, the count and the ETA out of the row."""
+
+    def render(self, task) -> Text:
+        return Text(task.fields.get("note", ""), no_wrap=True, overflow="ellipsis")
+
+
 class StageProgress:
     """A rich progress bar per pipeline stage (and per download), on stderr. Silent when quiet."""
 
@@ -180,15 +199,6 @@ class StageProgress:
     }
 
     def __init__(self, quiet: bool = False) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         self.quiet = quiet
         self.progress = Progress(
             TextColumn("{task.description:<22}"),
@@ -197,7 +207,7 @@ class StageProgress:
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[note]}"),
+            _NoteColumn(table_column=Column(no_wrap=False)),  # wrappable, so that it is the column that gives way
             console=stderr,
         )
         self.tasks: dict[str, int] = {}

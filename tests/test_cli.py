@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import inspect
+import io
 import re
 import subprocess
 import sys
@@ -92,3 +93,18 @@ def test_every_progress_stage_the_library_reports_has_a_label():
     stages = set(re.findall(r'progress\(\s*"(\w+)"', source))
     assert {"analyse", "generate", "compare"} <= stages  # the pattern finds them
     assert stages <= set(StageProgress.LABELS), stages - set(StageProgress.LABELS)
+
+
+def test_a_long_progress_note_gives_way_on_an_80_column_terminal():
+    """Training's note (loss, validation) once squeezed the bar, the step count and the ETA out of the row."""
+    from rich.console import Console
+
+    bars = StageProgress()
+    bars.progress.add_task("Packing the clips", total=1, completed=1, note="")
+    note = "loss 0.0123  301.5 samples/s  val 0.1176  audio-shift ratio 1.006  sampled 0.4898"
+    bars.progress.add_task("Training", total=2500, completed=7, note=note)
+    console = Console(width=80, color_system=None, record=True, file=io.StringIO())
+    console.print(bars.progress.make_tasks_table(bars.progress.tasks))
+    packing, training = console.export_text().splitlines()
+    assert "━" in packing and "1/1" in packing and "ETA" in packing
+    assert "7/2500" in training and "ETA" in training and "loss 0.0123" in training and training.endswith("…")
