@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
@@ -183,6 +184,17 @@ class _NoteColumn(ProgressColumn):
         return Text(task.fields.get("note", ""), no_wrap=True, overflow="ellipsis")
 
 
+class _CountColumn(ProgressColumn):
+    """Done of total: frames or steps as "7/250", a download in bytes as "52.4/104.9 MB"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count, self.size = MofNCompleteColumn(), DownloadColumn()
+
+    def render(self, task) -> Text:
+        return (self.size if task.fields.get("bytes") else self.count).render(task)
+
+
 class StageProgress:
     """A rich progress bar per pipeline stage (and per download), on stderr. Silent when quiet."""
 
@@ -203,7 +215,7 @@ class StageProgress:
         self.progress = Progress(
             TextColumn("{task.description:<22}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            _CountColumn(),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
@@ -221,7 +233,9 @@ class StageProgress:
                 self.progress.start()  # only once there is something to show: an early error prints alone
             if stage not in self.tasks:
                 label = self.LABELS.get(stage, stage.replace("download ", "Downloading "))
-                self.tasks[stage] = self.progress.add_task(label, total=total, note="")
+                self.tasks[stage] = self.progress.add_task(
+                    label, total=total, note="", bytes=stage.startswith("download ")
+                )
             fields = {"note": note} if note is not None else {}
             self.progress.update(self.tasks[stage], completed=done, total=max(total, done), **fields)
 

@@ -108,3 +108,17 @@ def test_a_long_progress_note_gives_way_on_an_80_column_terminal():
     packing, training = console.export_text().splitlines()
     assert "━" in packing and "1/1" in packing and "ETA" in packing
     assert "7/2500" in training and "ETA" in training and "loss 0.0123" in training and training.endswith("…")
+
+
+def test_downloads_count_in_bytes_and_stages_in_frames(monkeypatch):
+    from rich.console import Console
+
+    console = Console(width=120, color_system=None, record=True, file=io.StringIO())
+    bars = StageProgress()
+    monkeypatch.setattr(bars.progress, "start", lambda: None)  # no live display; the table is printed below
+    bars("download face-landmarker", 1_900_000, 3_758_596)
+    bars("analyse", 7, 250)
+    console.print(bars.progress.make_tasks_table(bars.progress.tasks))
+    download, frames = console.export_text().splitlines()
+    assert download.startswith("Downloading face-landmarker") and "1.9/3.8 MB" in download
+    assert frames.startswith("Finding the face") and "7/250" in frames
