@@ -92,19 +92,28 @@ def holdout(clip: str | os.PathLike, options: HoldoutOptions | None = None, prog
         return _holdout(clip, options, progress, Path(scratch))
 
 
+def check_model(options: HoldoutOptions, progress: Progress = no_progress) -> None:
+    """Raise a WeightsError now if the protocol's model cannot be had (it is fetched if need be) or is not a talkedit
+    weights file. An official .pth checkpoint is fine when fine-tuning first: training imports it."""
+    from .weights import read_weights, resolve_weights_path
+
+    path = resolve_weights_path(options.model, offline=options.offline, progress=download_stage(progress))
+    if not (options.train_steps and path.suffix.lower() == ".pth"):
+        read_weights(path)
+
+
 def _holdout(clip: Path, options: HoldoutOptions, progress: Progress, work: Path) -> HoldoutResult:
     from .audio import SAMPLE_RATE, check_speech
     from .media import decode_speech, probe_video, read_audio
     from .pipeline import DubOptions, dub
-    from .weights import read_weights, resolve_weights_path
 
     info = probe_video(clip)
     wav = read_audio(decode_speech(clip, work / "clip-speech.wav"))
     check_speech(wav, clip)
     if options.unrelated is not None and not Path(options.unrelated).exists():
         raise TalkeditError(f"{options.unrelated}: no such file; give a speech recording for the unrelated case.")
-    # The model (fetched now if need be) and SyncNet are checked before minutes of analysis and dubbing, not after.
-    read_weights(resolve_weights_path(options.model, offline=options.offline, progress=download_stage(progress)))
+    # The model and SyncNet are checked before minutes of analysis and dubbing, not after.
+    check_model(options, progress)
     syncnet, _ = syncnet_weights(options.syncnet)  # found (and its hash checked) once for the six cases
     analysis = preprocess(clip, face=options.face, output_dir=options.analysis_dir, offline=options.offline,
                           progress=progress)  # fmt: skip

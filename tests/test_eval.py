@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from talkedit.errors import WeightsError
 from talkedit.evaluate import evaluate
-from talkedit.holdout import HoldoutOptions, holdout
+from talkedit.holdout import HoldoutOptions, check_model, holdout
 
 from .common import media, run_talkedit
 from .test_bad_input import lavfi
@@ -181,6 +182,13 @@ def test_silence_is_judged_by_whether_the_mouth_closes(protocol):
     talking = evaluate(work / "tail.mp4", work / "silence.wav", work / "tail.mp4", offline=True, allow_silence=True)
     assert talking.silent and talking.sync is None
     assert any(flag.startswith("open in silence") for flag in talking.flags), talking.flags
+
+
+def test_holdout_checks_its_model_first_and_takes_an_official_checkpoint_only_to_fine_tune(official_dir):
+    checkpoint = str(official_dir / "735_Network.pth")
+    check_model(HoldoutOptions(model=checkpoint, train_steps=5, offline=True))  # training imports it
+    with pytest.raises(WeightsError, match="not a talkedit weights file"):
+        check_model(HoldoutOptions(model=checkpoint, offline=True))  # dub would refuse it after minutes of work
 
 
 def test_holdout_fine_tunes_on_the_head_when_asked(talkedit_home, tmp_path):
