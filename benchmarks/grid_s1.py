@@ -239,7 +239,8 @@ def sampled(work: Path, model_path: Path, frames: int, draws: int, steps: int, s
 
     from talkedit.diffusion import sample_frames
     from talkedit.pack import Split, read_pack
-    from talkedit.train import TrainingData, evaluation_set, masked_error
+    from talkedit.samples import TrainingData
+    from talkedit.validation import evaluation_set, masked_error
     from talkedit.weights import load_model
 
     pack = read_pack(_pack_path(work))

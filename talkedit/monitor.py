@@ -1,4 +1,4 @@
-"""Watching a training run: the JSON-lines metrics log, the `train.png` plot and strips of sampled crops.
+"""Watching a training run: the JSON-lines metrics log, the `train.png` plot and the PNG writer of the sample strips.
 
 Draws with OpenCV only (no plotting library), so that it runs wherever training runs.
 """
@@ -134,37 +134,3 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[:, :, ::-1]))
     os.replace(tmp, path)
-
-
-def sample_strip(model, data, count: int, steps: int, path: Path) -> list[float]:
-    """Sample the mouth of `count` validation frames (true previous and identity frames, DDIM) and write a strip:
-    the originals above, the samples below. (256, 128·count, 3).
-
-    Returns each sample's masked error against its original (mean squared difference inside the mask, pixels in
-    [-1, 1], as `train.validation_error`). One-step denoising can score well while sampling from pure noise still
-    leaves noisy mouths; this is the number that shows it."""
-    import torch
-
-    from .diffusion import sample_frames
-    from .train import evaluation_set, masked_error
-
-    index, identity = evaluation_set(data, count)
-    target, mask = data.images(index), data.mask(index)
-    out = sample_frames(
-        model,
-        target,
-        mask,
-        data.images(data.previous[index]),
-        data.images(identity),
-        data.audio(index),
-        sampler="ddim",
-        steps=steps,
-        generator=torch.Generator().manual_seed(0),
-    )
-
-    def to_uint8(x: torch.Tensor) -> np.ndarray:
-        images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        return np.concatenate(list(images), axis=1)
-
-    write_png(path, np.concatenate([to_uint8(target), to_uint8(out)], axis=0))
-    return [float(e) for e in masked_error(out, target, mask)]

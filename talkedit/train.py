@@ -1,11 +1,12 @@
 """`train`: the paper's training (spec §3.2), with what the field has learned since as options, from one CPU to
 many GPUs under `torchrun`.
 
-    pack (pack.py) -> per step: a global batch of samples (target crop, previous frame, identity frame >= 1 s away,
-    audio window, jaw mask) -> augment (augment.py) -> noise the masked region at a random level ᾱ
+    pack (pack.py) -> per step: a global batch of samples (samples.py: target crop, previous frame, identity frame
+    >= 1 s away, audio window, jaw mask) -> augment (augment.py) -> noise the masked region at a random level ᾱ
     -> v-prediction loss on the mask (the paper's ε: --prediction eps), min-SNR-γ weighted -> AdamW (warm-up,
     cosine decay, clipping) -> EMA
-    every eval_every steps: validation error of one-step denoising, with the true audio and with audio shifted by 1 s
+    every eval_every steps (validation.py): the error of one-step denoising with the true audio and with audio
+    shifted by 1 s, and mouths sampled from pure noise; logged and plotted (monitor.py)
 
 Imports only torch, numpy, safetensors and OpenCV (with a pack as input), so it runs on machines without ffmpeg.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import math
 import os
 import shutil
@@ -35,18 +35,16 @@ import torch
 
 from . import __version__
 from .augment import JITTER_PARAMS, PREVIOUS_PARAMS, previous_frame, shared_jitter
-from .diffusion import PREDICTIONS, DiffusionConfig, NoiseSchedule, eps_from_output, v_target
+from .diffusion import PREDICTIONS, DiffusionConfig, NoiseSchedule, v_target
 from .errors import TalkeditError
 from .files import write_atomic
 from .pack import Pack, Split
+from .samples import Batches, TrainingData, seeded_rng, torch_seed
 from .unet import UNet, UNetConfig
-
-log = logging.getLogger("talkedit")
+from .validation import masked_error, sample_strip, validation_error
 
 CHECKPOINT_FORMAT = "talkedit-train"
 CHECKPOINT_VERSION = 1
-EVAL_STEPS = (100, 300, 500, 700, 900)  # fixed noise levels of validation: these steps of the T = 1000 schedule
-AUDIO_SHIFT_SECONDS = 1.0
 # From scratch the UNet learns v, not the paper's ε: on GRID s1 (same data, recipe and steps) ε-models sampled noisy
 # mouths from pure noise (35 of 96) and v-models none (README, "The reference model").
 DEFAULT_PREDICTION = "v"
@@ -214,116 +212,6 @@ def _device(name: str | None, processes: Processes) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: the pack as tensors, and the samples of a step
-
-
-class TrainingData:
-    """A pack's arrays as tensors on the training device (the whole pack, which is small: ~1 GB per hour of 25 fps
-    footage once decoded), and the rules that turn stored frames into samples."""
-
-    def __init__(self, pack: Pack, split: Split, device: torch.device, identity_gap: float) -> None:
-        self.pack, self.split, self.device = pack, split, device
-        size = pack.crops.nbytes + pack.masks.nbytes + pack.windows.nbytes
-        self.storage = device if device.type != "cuda" or size < 0.5 * torch.cuda.mem_get_info(device)[0] else None
-        if self.storage is None:  # too big for the GPU: batches are gathered on the CPU and copied over
-            self.storage = torch.device("cpu")
-            log.info("the pack (%.1f GiB) stays in CPU memory; batches are copied to %s", size / 2**30, device)
-        self.crops = torch.from_numpy(pack.crops).to(self.storage).permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
-        self.masks = torch.from_numpy(pack.masks).to(self.storage)[:, None]  # (N, 1, S, S) uint8
-        self.windows = torch.from_numpy(pack.windows.reshape(len(pack), -1)).to(self.storage)  # (N, F·M) float32
-        self.previous = pack.predecessor()
-        self.previous = np.where(self.previous >= 0, self.previous, np.arange(len(pack)))  # a shot's first: itself
-        fps = np.array([float(c.fps) for c in pack.clips])
-        self.gap = np.ceil(identity_gap * fps[pack.clip]).astype(np.int64)  # (N,) frames
-        self.shift = np.round(AUDIO_SHIFT_SECONDS * fps).astype(np.int64)  # (C,) frames
-        self._clip_windows: dict[int, np.ndarray] = {}
-        # Identity candidates: for training frames, training frames of the same clip; for validation, any frame.
-        self.members = {
-            "train": _members_by_clip(pack, split.train),
-            "val": _members_by_clip(pack, np.arange(len(pack))),
-        }
-
-    def identity(self, index: np.ndarray, u: np.ndarray, part: str) -> np.ndarray:
-        """For stored frames `index`, a frame of the same clip at least `gap` frames away, chosen by u in [0, 1)
-        (the farthest frame when the clip is too short). Returns stored indices like `index`."""
-        out = np.empty_like(index)
-        for n, (i, x) in enumerate(zip(index, u, strict=True)):
-            members = self.members[part][self.pack.clip[i]]
-            frames = self.pack.frame[members]
-            f, gap = self.pack.frame[i], self.gap[i]
-            before = np.searchsorted(frames, f - gap, side="right")  # members[:before] are far enough before
-            after = np.searchsorted(frames, f + gap, side="left")  # members[after:] are far enough after
-            choices = before + len(frames) - after
-            if choices == 0:
-                out[n] = members[int(np.argmax(np.abs(frames - f)))]
-                continue
-            k = min(int(x * choices), choices - 1)
-            out[n] = members[k] if k < before else members[after + k - before]
-        return out
-
-    def _take(self, table: torch.Tensor, index: np.ndarray) -> torch.Tensor:
-        return table[torch.from_numpy(index).to(self.storage)].to(self.device, non_blocking=True)
-
-    def images(self, index: np.ndarray) -> torch.Tensor:
-        """(B, 3, S, S) float in [-1, 1]."""
-        return self._take(self.crops, index).float() / 127.5 - 1
-
-    def mask(self, index: np.ndarray) -> torch.Tensor:
-        """(B, 1, S, S) float in {0, 1}."""
-        return self._take(self.masks, index).float()
-
-    def audio(self, index: np.ndarray) -> torch.Tensor:
-        """(B, F·M) float dB."""
-        return self._take(self.windows, index)
-
-    def shifted_audio(self, index: np.ndarray) -> torch.Tensor:
-        """The audio window 1 s later in the same clip (1 s earlier near its end): speech that does not go with the
-        frame, though it is the same voice and loudness. (B, F·M)."""
-        out = []
-        for i in index:
-            c = self.pack.clip[i]
-            frames, f, s = self.pack.clips[c].frames, self.pack.frame[i], self.shift[c]
-            g = f + s if f + s < frames else f - s if f - s >= 0 else (f + frames // 2) % frames
-            if c not in self._clip_windows:  # every frame of the clip, stored or not: computed once per clip
-                self._clip_windows[c] = self.pack.clip_windows(c)
-            out.append(self._clip_windows[c][g])
-        return torch.from_numpy(np.stack(out).reshape(len(index), -1)).to(self.device)
-
-
-def _members_by_clip(pack: Pack, allowed: np.ndarray) -> dict[int, np.ndarray]:
-    """clip -> its allowed stored indices, sorted by frame (stored order is frame order within a clip)."""
-    allowed = np.sort(allowed)
-    return {int(c): allowed[pack.clip[allowed] == c] for c in np.unique(pack.clip[allowed])}
-
-
-def _rng(seed: int, *keys: int) -> np.random.Generator:
-    return np.random.default_rng([seed & (2**63 - 1), *keys])
-
-
-def _torch_seed(seed: int, *keys: int) -> int:
-    return int(_rng(seed, *keys).integers(2**63 - 1))
-
-
-class Batches:
-    """The samples of every step: step s takes positions s·B ... s·B + B - 1 of an endless sequence of passes over
-    the training frames, each pass in its own random order seeded by (seed, pass)."""
-
-    def __init__(self, train: np.ndarray, batch: int, seed: int) -> None:
-        self.train, self.batch, self.seed = train, batch, seed
-        self._order: tuple[int, np.ndarray] | None = None
-
-    def _pass(self, number: int) -> np.ndarray:
-        if self._order is None or self._order[0] != number:
-            self._order = (number, _rng(self.seed, 1, number).permutation(self.train))
-        return self._order[1]
-
-    def indices(self, step: int) -> np.ndarray:
-        n = len(self.train)
-        positions = np.arange(step * self.batch, (step + 1) * self.batch)
-        return np.array([self._pass(int(p // n))[p % n] for p in positions], np.int64)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Model, loss, EMA
 
 
@@ -348,12 +236,6 @@ def noise_levels(schedule: NoiseSchedule, u_step: torch.Tensor, u_level: torch.T
     t = 1 + (u_step * (steps - 1)).long().clamp(max=steps - 1)
     high, low = alpha_bar[t - 1], alpha_bar[t]
     return low + (high - low) * u_level
-
-
-def masked_error(x: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per sample, the mean squared difference over the mask's pixels and channels. x, target: (B, C, S, S); mask:
-    (B, 1, S, S) in {0, 1}. Returns (B,)."""
-    return ((x.float() - target) ** 2 * mask).sum(dim=(1, 2, 3)) / (x.shape[1] * mask.sum(dim=(1, 2, 3))).clamp(min=1)
 
 
 def masked_loss(output: torch.Tensor, goal: torch.Tensor, mask: torch.Tensor, alpha_bar: torch.Tensor,
@@ -440,7 +322,7 @@ class Trainer:
                     "fine-tune it as it is (leave out --prediction), or train a new model from scratch."
                 )
         else:
-            torch.manual_seed(_torch_seed(options.seed, 0))  # the initial weights follow the seed
+            torch.manual_seed(torch_seed(options.seed, 0))  # the initial weights follow the seed
             prediction = options.prediction or DEFAULT_PREDICTION
             if prediction not in PREDICTIONS:
                 raise TrainError(f"--prediction {prediction}: choose {' or '.join(PREDICTIONS)}.")
@@ -509,11 +391,11 @@ class Trainer:
         options, recipe, data = self.options, self.recipe, self.data
         batch, lo = options.batch, self.processes.rank * self.local_batch
         hi = lo + self.local_batch
-        rng = _rng(options.seed, 2, step)
+        rng = seeded_rng(options.seed, 2, step)
         index = self.batches.indices(step)
         identity = data.identity(index, rng.random(batch), "train")
         # All random tensors of the global batch, in a fixed order, from one generator; this rank uses its slice.
-        gen = torch.Generator(self.device).manual_seed(_torch_seed(options.seed, 3, step))
+        gen = torch.Generator(self.device).manual_seed(torch_seed(options.seed, 3, step))
         size = self.config.image_size
 
         def uniform(*shape: int) -> torch.Tensor:
@@ -540,7 +422,7 @@ class Trainer:
         if self.options.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
 
-        torch.manual_seed(_torch_seed(options.seed, 4, step, self.processes.rank))  # dropout inside the UNet
+        torch.manual_seed(torch_seed(options.seed, 4, step, self.processes.rank))  # dropout inside the UNet
         # The shuffled-audio control hears the audio of a random sample of the same global batch instead of its own.
         heard = rng.permutation(index)[lo:hi] if recipe.shuffle_audio else mine
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
@@ -751,7 +633,7 @@ class Trainer:
         """Rank 0 scores the validation split; the others wait."""
         result = None
         if self.processes.main:
-            from .monitor import plot_metrics, sample_strip
+            from .monitor import plot_metrics
 
             model = self.output_model()
             result = {"step": self.step, **validation_error(model, self.data, self.options.eval_samples)}
@@ -768,53 +650,6 @@ class Trainer:
             self.progress("train", self.step, self.steps, self._val_note)
         self.processes.barrier()
         return result
-
-
-def evaluation_set(data: TrainingData, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Up to `count` validation frames evenly spread, and an identity frame for each (fixed, not random)."""
-    val = data.split.val
-    index = val[np.linspace(0, len(val) - 1, min(count, len(val))).round().astype(int)]
-    return index, data.identity(index, np.full(len(index), 0.5), "val")
-
-
-@torch.no_grad()
-def validation_error(model: UNet, data: TrainingData, count: int) -> dict:
-    """Masked-region error of one-step denoising on validation frames at fixed noise levels (EVAL_STEPS of the
-    T = 1000 schedule), with each frame's own audio and with the audio 1 s away.
-
-    The error is the mean squared difference, inside the mask, between the true crop and the x̂_0 the model
-    implies from one noisy version of it (pixels in [-1, 1]). `audio_ratio` = error with shifted audio / error with
-    the true audio: about 1.0 when the model ignores the audio, above 1 when it listens.
-    """
-    device = next(model.parameters()).device
-    prediction = getattr(model, "diffusion", DiffusionConfig()).prediction
-    index, identity = evaluation_set(data, count)
-    schedule = NoiseSchedule.cosine(1000)
-    gen = torch.Generator().manual_seed(1234)
-    target, mask = data.images(index), data.mask(index)
-    previous, ident = data.images(data.previous[index]), data.images(identity)
-    audios = {"true": data.audio(index), "shifted": data.shifted_audio(index)}
-    errors: dict[str, dict[int, float]] = {"true": {}, "shifted": {}}
-    for t in EVAL_STEPS:
-        a = float(schedule.alpha_bar[t])
-        eps = torch.randn(target.shape, generator=gen).to(device)
-        noisy = math.sqrt(a) * target + math.sqrt(1 - a) * eps
-        x = torch.cat([noisy * mask + (1 - mask) * target, previous, ident], dim=1)
-        gamma = torch.full((len(index),), a, device=device)
-        for name, audio in audios.items():
-            output = torch.cat([model(x[i : i + 16], gamma[i : i + 16], audio[i : i + 16]).float()
-                                for i in range(0, len(index), 16)])  # fmt: skip
-            eps_pred = eps_from_output(output, x[:, :3], a, prediction)
-            x0 = ((x[:, :3] - math.sqrt(1 - a) * eps_pred) / math.sqrt(a)).clamp(-1, 1)
-            errors[name][t] = float(masked_error(x0, target, mask).mean())
-    true, shifted = np.mean(list(errors["true"].values())), np.mean(list(errors["shifted"].values()))
-    return {
-        "val_error": float(true),
-        "val_error_shifted": float(shifted),
-        "audio_ratio": float(shifted / max(true, 1e-12)),
-        "val_error_by_step": {str(t): e for t, e in errors["true"].items()},
-        "val_frames": len(index),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------

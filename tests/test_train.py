@@ -20,7 +20,8 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
 from talkedit.pack import MEL_STEP, build_pack, read_pack, split_pack
-from talkedit.train import SMALL, Recipe, Trainer, TrainError, TrainingData, TrainOptions, masked_loss, train
+from talkedit.samples import TrainingData
+from talkedit.train import SMALL, Recipe, Trainer, TrainError, TrainOptions, masked_loss, train
 from talkedit.unet import UNetConfig
 
 from .common import REPO, media, run_talkedit
