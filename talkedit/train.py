@@ -635,6 +635,9 @@ class Trainer:
         if self.processes.main:
             from .monitor import plot_metrics
 
+            # Said first: on a CPU, sampling the strip's mouths alone takes minutes, with no step moving.
+            sampling = f", sampling {self.options.strip_frames} mouths" if self.options.strip_frames > 0 else ""
+            self.progress("train", self.step, self.steps, f"validating{sampling}")
             model = self.output_model()
             result = {"step": self.step, **validation_error(model, self.data, self.options.eval_samples)}
             self._val_note = f"val {result['val_error']:.4f}  audio-shift ratio {result['audio_ratio']:.3f}"

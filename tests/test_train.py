@@ -154,6 +154,22 @@ def test_from_scratch_the_model_predicts_v_by_default_and_says_so_in_its_weights
         train([two_clips], tmp_path / "eps.safetensors", fine)
 
 
+def test_progress_says_it_is_validating_before_the_slow_evaluation(two_clips, tmp_path):
+    """On a CPU the sampled strip alone takes minutes at step 0: the row must say why no step moves."""
+    notes = []
+
+    def progress(stage: str, done: int, total: int, note: str | None = None) -> None:
+        if stage == "train":
+            notes.append((done, note))
+
+    options = TrainOptions(steps=2, batch=2, arch=TEST_ARCH, eval_every=2, eval_samples=2, strip_frames=2,
+                           strip_steps=2, log_every=1)  # fmt: skip
+    train([two_clips], tmp_path / "m.safetensors", options, progress=progress)
+    scored = [i for i, (_, note) in enumerate(notes) if note and note.startswith("val ")]
+    assert [notes[i][0] for i in scored] == [0, 2], notes
+    assert all(notes[i - 1] == (notes[i][0], "validating, sampling 2 mouths") for i in scored), notes
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_the_shuffled_audio_control_hears_the_batch_s_audio_in_another_order(shuffle, two_clips, tmp_path):
     pack = read_pack(two_clips)
