@@ -474,6 +474,8 @@ class Trainer:
                     note = f"loss {record['loss']:.4f}  {rate:.1f} samples/s  {self._val_note}"
                     self.progress("train", self.step, self.steps, note)
                     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                else:  # the count and the ETA move every step (a CPU step can take a minute); the note at log steps
+                    self.progress("train", self.step, self.steps)
                 if self.options.eval_every > 0 and (
                     self.step % self.options.eval_every == 0 or self.step == self.steps
                 ):

@@ -170,6 +170,20 @@ def test_progress_says_it_is_validating_before_the_slow_evaluation(two_clips, tm
     assert all(notes[i - 1] == (notes[i][0], "validating, sampling 2 mouths") for i in scored), notes
 
 
+def test_progress_counts_every_step_and_notes_the_loss_at_log_steps(two_clips, tmp_path):
+    """The ETA must not wait for the first log step (10 steps of a minute each on a CPU)."""
+    calls = []
+
+    def progress(stage: str, done: int, total: int, note: str | None = None) -> None:
+        if stage == "train":
+            calls.append((done, note))
+
+    options = TrainOptions(steps=3, batch=2, arch=TEST_ARCH, eval_every=0, log_every=2)
+    train([two_clips], tmp_path / "m.safetensors", options, progress=progress)
+    assert [done for done, _ in calls] == [1, 2, 3], calls
+    assert calls[0][1] is None and all(note.startswith("loss ") for _, note in calls[1:]), calls
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_the_shuffled_audio_control_hears_the_batch_s_audio_in_another_order(shuffle, two_clips, tmp_path):
     pack = read_pack(two_clips)
