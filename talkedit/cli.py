@@ -195,6 +195,9 @@ class _CountColumn(ProgressColumn):
         return (self.size if task.fields.get("bytes") else self.count).render(task)
 
 
+SPEED_WINDOW_SECONDS = 3600  # the ETA's speed: the average over the last hour of updates
+
+
 class StageProgress:
     """A rich progress bar per pipeline stage (and per download), on stderr. Silent when quiet."""
 
@@ -221,6 +224,9 @@ class StageProgress:
             TimeRemainingColumn(),
             _NoteColumn(table_column=Column(no_wrap=False)),  # wrappable, so that it is the column that gives way
             console=stderr,
+            # rich estimates the speed from the updates of the last N seconds (30 by default), so updates further
+            # apart (a frame at 50 steps, or a training step, on a CPU: a minute) never gave an ETA.
+            speed_estimate_period=SPEED_WINDOW_SECONDS,
         )
         self.tasks: dict[str, int] = {}
         self.lock = threading.Lock()  # dub generates on one thread and writes on another

@@ -122,3 +122,17 @@ def test_downloads_count_in_bytes_and_stages_in_frames(monkeypatch):
     download, frames = console.export_text().splitlines()
     assert download.startswith("Downloading face-landmarker") and "1.9/3.8 MB" in download
     assert frames.startswith("Finding the face") and "7/250" in frames
+
+
+def test_the_eta_shows_when_updates_come_a_minute_apart(monkeypatch):
+    """A CPU generates a frame at 50 steps, or takes a training step, about once a minute: rich's default 30 s
+    speed window then held one update at a time, and the ETA stayed at -:--:-- for the whole run."""
+    clock = [0.0]
+    bars = StageProgress()
+    monkeypatch.setattr(bars.progress, "start", lambda: None)
+    bars.progress.get_time = lambda: clock[0]
+    for done in range(1, 4):
+        bars("generate", done, 250)
+        clock[0] += 65.0
+    task = bars.progress.tasks[0]
+    assert task.time_remaining is not None and abs(task.time_remaining - 247 * 65.0) < 1, task.time_remaining
