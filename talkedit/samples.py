@@ -53,8 +53,8 @@ class TrainingData:
         self._clip_windows: dict[int, np.ndarray] = {}
         # Identity candidates: for training frames, training frames of the same clip; for validation, any frame.
         self.members = {
-            "train": members_by_clip(pack, split.train),
-            "val": members_by_clip(pack, np.arange(len(pack))),
+            "train": _members_by_clip(pack, split.train),
+            "val": _members_by_clip(pack, np.arange(len(pack))),
         }
 
     def identity(self, index: np.ndarray, u: np.ndarray, part: str) -> np.ndarray:
@@ -104,7 +104,7 @@ class TrainingData:
         return torch.from_numpy(np.stack(out).reshape(len(index), -1)).to(self.device)
 
 
-def members_by_clip(pack: Pack, allowed: np.ndarray) -> dict[int, np.ndarray]:
+def _members_by_clip(pack: Pack, allowed: np.ndarray) -> dict[int, np.ndarray]:
     """clip -> its allowed stored indices, sorted by frame (stored order is frame order within a clip)."""
     allowed = np.sort(allowed)
     return {int(c): allowed[pack.clip[allowed] == c] for c in np.unique(pack.clip[allowed])}
