@@ -154,17 +154,23 @@ def test_from_scratch_the_model_predicts_v_by_default_and_says_so_in_its_weights
         train([two_clips], tmp_path / "eps.safetensors", fine)
 
 
-def test_progress_says_it_is_validating_before_the_slow_evaluation(two_clips, tmp_path):
-    """On a CPU the sampled strip alone takes minutes at step 0: the row must say why no step moves."""
-    notes = []
+def _train_progress(two_clips: Path, tmp_path: Path, options: TrainOptions) -> list[tuple[int, str | None]]:
+    """Train with `options` and return the (done, note) of every progress call of the "train" stage."""
+    calls = []
 
     def progress(stage: str, done: int, total: int, note: str | None = None) -> None:
         if stage == "train":
-            notes.append((done, note))
+            calls.append((done, note))
 
+    train([two_clips], tmp_path / "m.safetensors", options, progress=progress)
+    return calls
+
+
+def test_progress_says_it_is_validating_before_the_slow_evaluation(two_clips, tmp_path):
+    """On a CPU the sampled strip alone takes minutes at step 0: the row must say why no step moves."""
     options = TrainOptions(steps=2, batch=2, arch=TEST_ARCH, eval_every=2, eval_samples=2, strip_frames=2,
                            strip_steps=2, log_every=1)  # fmt: skip
-    train([two_clips], tmp_path / "m.safetensors", options, progress=progress)
+    notes = _train_progress(two_clips, tmp_path, options)
     scored = [i for i, (_, note) in enumerate(notes) if note and note.startswith("val ")]
     assert [notes[i][0] for i in scored] == [0, 2], notes
     assert all(notes[i - 1] == (notes[i][0], "validating, sampling 2 mouths") for i in scored), notes
@@ -172,14 +178,8 @@ def test_progress_says_it_is_validating_before_the_slow_evaluation(two_clips, tm
 
 def test_progress_counts_every_step_and_notes_the_loss_at_log_steps(two_clips, tmp_path):
     """The ETA must not wait for the first log step (10 steps of a minute each on a CPU)."""
-    calls = []
-
-    def progress(stage: str, done: int, total: int, note: str | None = None) -> None:
-        if stage == "train":
-            calls.append((done, note))
-
     options = TrainOptions(steps=3, batch=2, arch=TEST_ARCH, eval_every=0, log_every=2)
-    train([two_clips], tmp_path / "m.safetensors", options, progress=progress)
+    calls = _train_progress(two_clips, tmp_path, options)
     assert [done for done, _ in calls] == [1, 2, 3], calls
     assert calls[0][1] is None and all(note.startswith("loss ") for _, note in calls[1:]), calls
 
