@@ -482,10 +482,11 @@ ROWS = {  # table rows: (video, speech) for each group
 }
 
 
-def evaluate_held_out(work: Path, group: int = GROUP, count: int | None = None) -> None:
+def evaluate_held_out(work: Path, group: int = GROUP, count: int | None = None, dubs_only: bool = False) -> None:
     """Paste the dubbed crops back into the held-out clips, 5 clips to a video, and score every row of ROWS with
     `talkedit eval` against the original. Writes WORK/eval.json, WORK/eval.md (the README table) and
-    WORK/strip.png (lower halves of held-out crops: original, dub, dub with other speech, random weights)."""
+    WORK/strip.png (lower halves of held-out crops: original, dub, dub with other speech, random weights).
+    `dubs_only`: only the two dub rows, for a second model of the same clips (the baselines do not depend on it)."""
     import tempfile
 
     from rich.progress import Progress
@@ -502,12 +503,14 @@ def evaluate_held_out(work: Path, group: int = GROUP, count: int | None = None) 
     clips = held_out_clips(pack, work)[:count]
     rows, _, _ = held_out_frames(pack, clips, clips)
     base = pack.crops[rows]
-    crops = {"original": base, **{case: load_crops(work / "dubs" / f"{case}.safetensors", base) for case in CASES}}
-    crops["frozen"] = base  # pasted from each clip's first frame below
+    rows_wanted = {name: row for name, row in ROWS.items() if not dubs_only or row[0] in ("own", "other")}
+    kinds = ["original", *dict.fromkeys(video for video, _ in rows_wanted.values() if video != "original")]
+    crops = {"original": base, "frozen": base}  # frozen: pasted from each clip's first frame below
+    crops |= {case: load_crops(work / "dubs" / f"{case}.safetensors", base) for case in CASES if case in kinds}
     paths = {Path(line).stem: work / line for line in (work / "order.txt").read_text().split()}
     offsets = np.cumsum([0] + [int(np.sum(pack.clip[rows] == c)) for c in clips])  # rows are clip by clip
 
-    results: dict[str, list] = {name: [] for name in ROWS}
+    results: dict[str, list] = {name: [] for name in rows_wanted}
     with tempfile.TemporaryDirectory(prefix="grid-eval-") as scratch, Progress() as bar:
         scratch = Path(scratch)
         task = bar.add_task("held-out groups", total=len(clips) // group)
@@ -528,7 +531,7 @@ def evaluate_held_out(work: Path, group: int = GROUP, count: int | None = None) 
 
             speeches = {kind: speech(kind) for kind in ("own", "other")}
             videos = {}
-            for kind in ("original", "frozen", "random", "own", "other"):
+            for kind in kinds:
                 info = analyses[members[0]].video
                 output = scratch / f"g{g}-{kind}.mp4"
                 with VideoWriter(output, info.width, info.height, info.fps, audio=speeches["own"], crf=CUT_CRF,
@@ -546,7 +549,7 @@ def evaluate_held_out(work: Path, group: int = GROUP, count: int | None = None) 
                             writer.write(frame)
                     writer.close()
                 videos[kind] = output
-            for name, (kind, speech_kind) in ROWS.items():
+            for name, (kind, speech_kind) in rows_wanted.items():
                 e = evaluate(videos[kind], speeches[speech_kind], videos["original"], chain_starts=[], offline=True)
                 results[name].append({
                     "offset": e.sync.offset if e.sync else None,
@@ -564,7 +567,7 @@ def evaluate_held_out(work: Path, group: int = GROUP, count: int | None = None) 
     print(table(results, work))
     picks = [(i, 40) for i in range(0, len(clips), max(1, len(clips) // 8))][:8]
     strip = [np.concatenate([crops[kind][offsets[i] + f][64:] for i, f in picks], axis=1)
-             for kind in ("original", "own", "other", "random")]  # fmt: skip
+             for kind in ("original", "own", "other", "random") if kind in crops]  # fmt: skip
     write_image(work / "strip.png", np.concatenate(strip, axis=0))
 
 
@@ -633,6 +636,7 @@ def main() -> None:
     p = sub.add_parser("eval")
     p.add_argument("--group", type=int, default=GROUP, help="held-out clips per evaluated video")
     p.add_argument("--clips", type=int, help="only the first N held-out clips (as dubbed)")
+    p.add_argument("--dubs-only", action="store_true", help="only the two dub rows (e.g. of a control model)")
     p = sub.add_parser("sampled")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--frames", type=int, default=6, help="held-out frames, evenly spread")
@@ -670,7 +674,7 @@ def main() -> None:
     elif args.stage == "join":
         join(args.parts, args.output)
     elif args.stage == "eval":
-        evaluate_held_out(args.work, args.group, args.clips)
+        evaluate_held_out(args.work, args.group, args.clips, args.dubs_only)
     elif args.stage == "dubs":
         dubs(args.work, args.model, args.out or args.work / "dubs", args.steps, args.random_steps, args.clips)
     elif args.stage == "chains":
