@@ -135,7 +135,7 @@ def _analyse(path: str) -> str:
 
 def pack(work: Path, processes: int, held_out_only: bool = False) -> None:
     """Preprocess every clip (in `processes` worker processes; cached) and write WORK/grid-s1.pack; with
-    `held_out_only`, only the 50 held-out clips into WORK/held.pack (minutes instead of an hour: enough for
+    `held_out_only`, only the 50 held-out clips into WORK/held.pack (a minute instead of 15: enough for
     `sampled` on a CPU)."""
     from rich.progress import Progress
 
