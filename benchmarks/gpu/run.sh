@@ -112,7 +112,7 @@ control() {
 
 control_dubs() {
   local model=$CONTROL/control.safetensors
-  [[ -f $model ]] || model=.gpu/c/control.safetensors  # the machine went cold: carry .gpu/c (kit.sh join-control)
+  [[ -f $model ]] || model=.gpu/c/control.safetensors  # the machine went cold: carry .gpu/c (kit.sh control-model)
   mkdir -p "$CONTROL" && cp -n .gpu/w/held.pack .gpu/w/held-out.txt "$CONTROL"/
   # --random-steps 1: the random-weight row is the reference run's; the eval only needs the file.
   $PY benchmarks/grid_s1.py --work "$CONTROL" dubs --model "$model" --steps "$STEPS" --random-steps 1 \
