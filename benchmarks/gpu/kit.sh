@@ -5,7 +5,7 @@
 # take 64 MiB per command, and the repository is about 27).
 #
 #   bash benchmarks/gpu/kit.sh held LipNet/data/s1 LipNet-samples/evaluation/samples   # .gpu/w .gpu/x, minutes
-#   bash benchmarks/gpu/kit.sh pack       # .gpu/p1 .gpu/p2: the whole s1 pack in parts (15 min on 2 cores)
+#   bash benchmarks/gpu/kit.sh pack       # .gpu/p1 .gpu/p2: the whole s1 pack in parts (15 min on 2 Xeon cores)
 #   bash benchmarks/gpu/kit.sh deps       # .gpu/k1 .gpu/k2 ...: ffmpeg, wheels, media for run.sh dub1080; .gpu/f
 #   bash benchmarks/gpu/kit.sh control-model PART...   # .gpu/c/control.safetensors from the parts `control` returned
 #   bash benchmarks/gpu/kit.sh control-work DUBS METRICS   # .gpu/c, for `grid_s1.py --work .gpu/c eval`
