@@ -65,8 +65,8 @@ pack() {
 }
 
 # What the GPU machine lacks for a whole dub: these packages, at the versions installed here (so the GPU runs the
-# code that the tests here ran), and ffmpeg (imageio-ffmpeg's binary, 165 MB, travels xz-compressed instead of its
-# 68 MB wheel).
+# code that the tests here ran), ffmpeg (imageio-ffmpeg's binary, 165 MB, travels xz-compressed instead of its 68 MB
+# wheel), and Debian's libEGL/libGLESv2 (apt-get download: a Debian or Ubuntu machine here).
 WHEELS="mediapipe flatbuffers sounddevice librosa soxr audioread pooch platformdirs soundfile cffi pycparser decorator
 ffmpeg-python future"
 
@@ -79,6 +79,8 @@ deps() {
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$kit/wheels" "$name==$version"
   done
+  # MediaPipe's library links libEGL and libGLESv2, which a CUDA image may not have (used there only if missing).
+  mkdir -p "$kit/debs" && (cd "$kit/debs" && apt-get download libegl1 libgles2 libglvnd0)
   local ffmpeg; ffmpeg=$($PY -c "import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())")
   log "compressing $ffmpeg (about 2 minutes)"
   xz -T0 -9 -c "$ffmpeg" > "$kit/ffmpeg.xz"
@@ -86,7 +88,7 @@ deps() {
   cp "$SHARED/media/audio/en_male_jfk_speech_44k1_stereo_24bit.flac" "$kit/shared/media/audio/"
   cp "$SHARED/models/face_landmarker.task" "$kit/shared/models/"
   tar -cf .gpu/kit.tar -C "$kit" .
-  mkdir -p .gpu/f/fixtures  # for run.sh check: the reference model's fp16 test samples the official inputs
+  rm -rf .gpu/f && mkdir -p .gpu/f/fixtures  # for run.sh check: the reference model's fp16 test samples the official inputs
   cp "$SHARED/fixtures/dve_sampler_reference.safetensors" .gpu/f/fixtures/
   split_parts .gpu/kit.tar k
   rm -rf "$kit" .gpu/kit.tar

@@ -131,6 +131,11 @@ dub1080() {
       "$KIT/ffmpeg.xz" "$KIT/ffmpeg" && chmod +x "$KIT/ffmpeg"
   fi
   export PYTHONPATH="$PYTHONPATH:$KIT/site" TALKEDIT_FFMPEG="$KIT/ffmpeg"
+  if ! { ldconfig -p | grep -q 'libEGL.so.1 ' && ldconfig -p | grep -q 'libGLESv2.so.2 '; }; then  # MediaPipe links them
+    for deb in "$KIT"/debs/*.deb; do dpkg -x "$deb" "$KIT/gl"; done
+    export LD_LIBRARY_PATH="$KIT/gl/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    log "libEGL from the kit"
+  fi
   shared_from "$KIT/shared"  # the benchmark's media and the face landmarker
   "$KIT/ffmpeg" -version | head -1
   $PY -c 'import librosa, mediapipe; print("librosa", librosa.__version__, "mediapipe", mediapipe.__version__)'
