@@ -119,8 +119,8 @@ def prepare_others(source: Path, work: Path) -> None:
 
 def _one_thread() -> None:
     """Each analysis worker runs torch on one thread: the workers already fill the cores, and torch's own threads
-    beside them made the analysis slower than one process (2-core Intel Xeon, 20 GRID clips: 41 s in 2 workers of 2 torch
-    threads, 23 s in one process, 15 s in 2 workers of one thread)."""
+    beside them made the analysis slower than one process (2-core Intel Xeon, 20 GRID clips: 41 s in 2 workers of 2
+    torch threads, 23 s in one process, 15 s in 2 workers of one thread)."""
     import torch
 
     torch.set_num_threads(1)

@@ -24,7 +24,8 @@ log() { echo "== $*" >&2; }
 
 landmarker() {
   mkdir -p "$TALKEDIT_HOME"
-  [[ -f $TALKEDIT_HOME/face-landmarker.task ]] || cp "$SHARED/models/face_landmarker.task" "$TALKEDIT_HOME/face-landmarker.task"
+  local cached=$TALKEDIT_HOME/face-landmarker.task
+  [[ -f $cached ]] || cp "$SHARED/models/face_landmarker.task" "$cached"
 }
 
 # split_parts FILE PREFIX: FILE in equal parts NAME.part1..N, one to a folder .gpu/PREFIX1..N, each with NAME.sha256.
@@ -88,7 +89,8 @@ deps() {
   cp "$SHARED/media/audio/en_male_jfk_speech_44k1_stereo_24bit.flac" "$kit/shared/media/audio/"
   cp "$SHARED/models/face_landmarker.task" "$kit/shared/models/"
   tar -cf .gpu/kit.tar -C "$kit" .
-  rm -rf .gpu/f && mkdir -p .gpu/f/fixtures  # for run.sh check: the reference model's fp16 test samples the official inputs
+  # For run.sh check: the reference model's fp16 test samples the official inputs.
+  rm -rf .gpu/f && mkdir -p .gpu/f/fixtures
   cp "$SHARED/fixtures/dve_sampler_reference.safetensors" .gpu/f/fixtures/
   split_parts .gpu/kit.tar k
   rm -rf "$kit" .gpu/kit.tar

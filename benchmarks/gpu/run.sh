@@ -131,7 +131,8 @@ dub1080() {
       "$KIT/ffmpeg.xz" "$KIT/ffmpeg" && chmod +x "$KIT/ffmpeg"
   fi
   export PYTHONPATH="$PYTHONPATH:$KIT/site" TALKEDIT_FFMPEG="$KIT/ffmpeg"
-  if ! { ldconfig -p | grep -q 'libEGL.so.1 ' && ldconfig -p | grep -q 'libGLESv2.so.2 '; }; then  # MediaPipe links them
+  # MediaPipe's library links libEGL and libGLESv2: the kit's, where the machine has none.
+  if ! { ldconfig -p | grep -q 'libEGL.so.1 ' && ldconfig -p | grep -q 'libGLESv2.so.2 '; }; then
     for deb in "$KIT"/debs/*.deb; do dpkg -x "$deb" "$KIT/gl"; done
     export LD_LIBRARY_PATH="$KIT/gl/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     log "libEGL from the kit"
