@@ -94,7 +94,6 @@ CONTROL=/tmp/talkedit-control  # on the GPU machine: the joined pack, the run, t
 control() {
   mkdir -p "$CONTROL"
   [[ -f $CONTROL/grid-s1.pack ]] || join grid-s1.pack .gpu/p2 "$CONTROL/grid-s1.pack" || return 1
-  cp .gpu/w/held.pack .gpu/w/held-out.txt "$CONTROL"/  # for control-dubs
   local resume=()
   [[ -f $CONTROL/train/checkpoint.pt ]] && resume=(--resume)
   # The reference model's command, with --shuffle-audio; stops at a checkpoint before 8.5 minutes, and a second
