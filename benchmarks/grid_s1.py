@@ -236,17 +236,29 @@ def join(parts: list[Path], output: Path) -> None:
 # -- sampled: how often a model's sampled mouths are noise (GPU or CPU, from the pack alone) -------------------------
 
 NOISY = 0.02  # masked error of a noisy mouth (reference model: noisy ones 0.034-0.31, the rest 0.0003-0.0196)
+PRECISION_CHOICES = ("auto", "fp16", "bf16", "fp32")  # talkedit.diffusion.PRECISIONS, without importing torch
 
 
-def sampled(work: Path, model_path: Path, frames: int, draws: int, steps: int, sampler: str) -> None:
+def sampled(
+    work: Path,
+    model_path: Path,
+    frames: int,
+    draws: int,
+    steps: int,
+    sampler: str,
+    precision: str = "auto",
+    compare: str | None = None,
+) -> None:
     """Sample `frames` held-out frames (evenly spread, true previous and identity frames, own audio, as the training
     strips) `draws` times each from fresh noise, and print each sample's masked error against the original and how
-    many are noisy mouths (error > NOISY). One-step validation error does not show this; sampling does."""
+    many are noisy mouths (error > NOISY). One-step validation error does not show this; sampling does. With
+    `compare`, sample the same frames from the same noise again in that precision and print how far apart the two
+    are inside the mask (8-bit levels, PSNR)."""
     import time
 
     import torch
 
-    from talkedit.diffusion import sample_frames
+    from talkedit.diffusion import resolve_precision, sample_frames
     from talkedit.pack import Split, read_pack
     from talkedit.samples import TrainingData
     from talkedit.validation import evaluation_set, masked_error
@@ -260,19 +272,29 @@ def sampled(work: Path, model_path: Path, frames: int, draws: int, steps: int, s
     index, identity = np.tile(index, draws), np.tile(identity, draws)
     model = load_model(model_path, device=device, dtype=torch.float32)
     target, mask = data.images(index), data.mask(index)
-    generators = [torch.Generator().manual_seed(k) for k in range(len(index))]
-    start = time.perf_counter()
-    out = sample_frames(model, target, mask, data.images(data.previous[index]), data.images(identity),
-                        data.audio(index), sampler=sampler, steps=steps, generator=generators)  # fmt: skip
-    seconds = time.perf_counter() - start
-    errors = masked_error(out, target, mask).cpu().numpy()
-    print(
-        f"{model_path}: {sampler} {steps} steps, {frames} held-out frames x {draws} draws, {seconds:.0f} s on {device}"
-    )
-    for d in range(draws):
-        print(f"draw {d}: " + " ".join(f"{e:.4f}" for e in errors[d * frames : (d + 1) * frames]))
-    noisy = int((errors > NOISY).sum())
-    print(f"noisy mouths (masked error > {NOISY}): {noisy} of {len(errors)}; median error {np.median(errors):.4f}")
+    levels, names = {}, {}
+    for p in (precision, compare) if compare else (precision,):
+        generators = [torch.Generator().manual_seed(k) for k in range(len(index))]
+        start = time.perf_counter()
+        out = sample_frames(model, target, mask, data.images(data.previous[index]), data.images(identity),
+                            data.audio(index), sampler=sampler, steps=steps, generator=generators,
+                            precision=p)  # fmt: skip
+        seconds = time.perf_counter() - start
+        levels[p] = ((out.clamp(-1, 1) + 1) * 127.5).round()
+        errors = masked_error(out, target, mask).cpu().numpy()
+        names[p] = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[resolve_precision(device, p)]
+        print(f"{model_path}: {sampler} {steps} steps, {frames} held-out frames x {draws} draws, {names[p]}, "
+              f"{seconds:.0f} s on {device}")  # fmt: skip
+        for d in range(draws):
+            print(f"draw {d}: " + " ".join(f"{e:.4f}" for e in errors[d * frames : (d + 1) * frames]))
+        noisy = int((errors > NOISY).sum())
+        print(f"noisy mouths (masked error > {NOISY}): {noisy} of {len(errors)}; median error {np.median(errors):.4f}")
+    if compare:
+        inside = mask.expand_as(levels[precision]).bool()
+        diff = (levels[precision] - levels[compare])[inside].abs().double()
+        psnr = 10 * np.log10(255**2 / max(float((diff**2).mean()), 1e-12))
+        print(f"{names[precision]} against {names[compare]} inside the mask: max {diff.max():.0f} levels, "
+              f"mean {diff.mean():.3f}, PSNR {psnr:.1f} dB")  # fmt: skip
 
 
 def _pack_path(work: Path) -> Path:
@@ -312,8 +334,8 @@ def held_out_frames(pack, clips: list[int], speech_of: list[int], limit: int | N
     return np.concatenate(index), np.concatenate(track), np.concatenate(windows)
 
 
-def dub_held_out(model, pack, clips, speech_of, *, limit=None, steps=None, fp16=None, seed=0, chain_seconds=None,
-                 overlap=None, with_chains=False):  # fmt: skip
+def dub_held_out(model, pack, clips, speech_of, *, limit=None, steps=None, precision="auto", seed=0,
+                 chain_seconds=None, overlap=None, with_chains=False):  # fmt: skip
     """Generate the stored frames of `clips` as `dub` would, all chains in the same UNet calls (each clip its own
     shot; `chain_seconds` and `overlap` as dub's options, default dub's). Returns (N, 128, 128, 3) uint8 in the
     order of `held_out_frames`, and with `with_chains` also the chain plan."""
@@ -324,7 +346,7 @@ def dub_held_out(model, pack, clips, speech_of, *, limit=None, steps=None, fp16=
     chains = plan_chains(src, track, windows.mean(axis=(1, 2)), 25.0, chain_seconds, overlap)
     out = np.zeros((len(rows), 128, 128, 3), np.uint8)
     generate_chains(model, pack.crops[rows], pack.masks[rows], src, windows, chains, len(chains), out,
-                    steps=steps, fp16=fp16, seed=seed)  # fmt: skip
+                    steps=steps, precision=precision, seed=seed)  # fmt: skip
     return (out, chains) if with_chains else out
 
 
@@ -407,8 +429,8 @@ def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_step
     save_crops(out / "other.safetensors", both[len(rows) :], box)
     save_crops(out / "random.safetensors", timed("random", random, pack, clips, clips, steps=random_steps), box)
     if device.type == "cuda":
-        half_, full = (timed(f"fp{16 if fp16 else 32}", trained, pack, clips[:8], clips[:8], limit=10, steps=steps,
-                             fp16=fp16) for fp16 in (True, False))  # fmt: skip
+        half_, full = (timed(precision, trained, pack, clips[:8], clips[:8], limit=10, steps=steps,
+                             precision=precision) for precision in ("fp16", "fp32"))  # fmt: skip
         diff = np.abs(full.astype(np.int16) - half_.astype(np.int16))
         mse = np.mean(diff.astype(np.float64) ** 2)
         report["fp16_vs_fp32"] = {"frames": len(full), "max_levels": int(diff.max()),
@@ -652,6 +674,8 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=2, help="samples of each frame, each from its own noise")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help="as dub's (default auto)")
+    p.add_argument("--compare", choices=PRECISION_CHOICES, help="also sample in this precision and compare")
     p = sub.add_parser("dubs")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, help="where the dubbed crops go (default: WORK/dubs)")
@@ -677,7 +701,7 @@ def main() -> None:
         train(args.work, args.minutes, args.time_limit, args.resume, args.eval_every, arch=args.arch,
               batch=args.batch, probe_steps=args.probe_steps, prediction=args.prediction)  # fmt: skip
     elif args.stage == "sampled":
-        sampled(args.work, args.model, args.frames, args.draws, args.steps, args.sampler)
+        sampled(args.work, args.model, args.frames, args.draws, args.steps, args.sampler, args.precision, args.compare)
     elif args.stage == "half":
         half(args.model, args.out)
     elif args.stage == "join":

@@ -2,6 +2,7 @@
 
     python benchmarks/sampler.py                      # CUDA when present, else CPU with a few frames
     python benchmarks/sampler.py --device cpu --frames 1
+    python benchmarks/sampler.py --precision fp32     # talkedit's setting in fp32 (default: auto, as dub)
     python benchmarks/sampler.py --compile reduce-overhead --channels-last   # CUDA graphs through torch.compile
     python benchmarks/sampler.py --cuda-graphs        # CUDA graphs captured by talkedit (what dub would use)
     python benchmarks/sampler.py --profile 5          # also: where the defaults' time goes (torch.profiler)
@@ -69,13 +70,14 @@ def run_setting(setting: dict) -> dict:
     """Sample `frames` frames with one setting; returns timings and peak memory."""
     import torch
 
-    from talkedit.diffusion import DiffusionConfig, sample_frames
+    from talkedit.diffusion import DiffusionConfig, resolve_precision, sample_frames
     from talkedit.unet import UNet, UNetConfig
 
     device = torch.device(setting["device"])
     torch.manual_seed(0)
-    # As `dub` loads it: fp16 weights when sampling in fp16.
-    model = UNet(UNetConfig()).eval().to(device, torch.float16 if setting["fp16"] else torch.float32)
+    # As `dub` loads it: on CUDA, half weights when sampling in half precision; fp32 weights on a CPU.
+    half = resolve_precision(device, setting["precision"]) if device.type == "cuda" else None
+    model = UNet(UNetConfig()).eval().to(device, half or torch.float32)
     model.diffusion = DiffusionConfig()
     if setting["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -93,7 +95,7 @@ def run_setting(setting: dict) -> dict:
         return sample_frames(
             model, y0, mask, *context, audio,
             sampler=setting["sampler"], steps=steps, eta=0.0 if setting["sampler"] == "ddim" else None,
-            fp16=setting["fp16"], generator=g,
+            precision=setting["precision"], generator=g,
         )  # fmt: skip
 
     sample(setting["warmup_steps"])  # kernels, autotuning, compilation
@@ -111,7 +113,9 @@ def run_setting(setting: dict) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     seconds = time.perf_counter() - start
     profile = profile_table(sample, setting["profile"], device.type == "cuda") if setting.get("profile") else None
-    return {**setting, "frames_done": rounds * batch, "seconds": seconds, "peak_mib": peak, "profile": profile}
+    dtype = resolve_precision(device, setting["precision"])
+    return {**setting, "frames_done": rounds * batch, "seconds": seconds, "peak_mib": peak, "profile": profile,
+            "dtype": {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]}  # fmt: skip
 
 
 def run_shot(setting: dict) -> dict:
@@ -150,7 +154,7 @@ def run_shot(setting: dict) -> dict:
 
 def shots(args, device: str) -> None:
     """Time the generate stage of a dub of one --shot-seconds shot for each --chain-seconds."""
-    print(f"generate stage of a {args.shot}s shot at 25 fps, DDIM {args.steps} steps, fp16 on CUDA, "
+    print(f"generate stage of a {args.shot}s shot at 25 fps, DDIM {args.steps} steps, dub's precision, "
           f"compile {args.compile}, cuda graphs {args.cuda_graphs}:")  # fmt: skip
     print(f"{'chain s':>7} {'chains':>6} {'batch':>5} {'seconds':>8} {'s per s of video':>17}")
     for chain_seconds in args.chain_seconds:
@@ -175,6 +179,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="chains per UNet call (default: 16 on CUDA, 2 on CPU)")
     parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp16", "bf16", "fp32"],
+        help="talkedit's setting (default auto: fp16 on CUDA, bf16 on a CPU with AMX, else fp32)",
+    )
     parser.add_argument("--cuda-graphs", action="store_true", help="replay talkedit's UNet calls from CUDA graphs")
     parser.add_argument(
         "--profile",
@@ -204,10 +214,12 @@ def main() -> None:
     common = {"device": device, "warmup_steps": 2}
     settings = [
         # The paper: ancestral DDPM over the 100-step schedule, one frame per UNet call, fp32, as its code runs.
-        {**common, "name": "official", "sampler": "ddpm", "steps": 100, "batch": 1, "fp16": False,
+        {**common, "name": "official", "sampler": "ddpm", "steps": 100, "batch": 1, "precision": "fp32",
          "frames": max(1, frames // batch), "compile": "none", "channels_last": False},
-        # talkedit: DDIM, B independent chains per UNet call, fp16 autocast on CUDA; --compile and --channels-last.
-        {**common, "name": "talkedit", "sampler": "ddim", "steps": args.steps, "batch": batch, "fp16": cuda,
+        # talkedit: DDIM, B independent chains per UNet call, dub's precision (fp16 on CUDA, bf16 on a CPU with AMX);
+        # --compile and --channels-last.
+        {**common, "name": "talkedit", "sampler": "ddim", "steps": args.steps, "batch": batch,
+         "precision": args.precision,
          "frames": frames, "profile": args.profile, "compile": args.compile, "channels_last": args.channels_last,
          "cuda_graphs": args.cuda_graphs},
     ]  # fmt: skip
@@ -228,9 +240,8 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         r["s_per_frame"] = r["seconds"] / r["frames_done"]
         results.append(r)
-        precision = "fp16" if r["fp16"] else "fp32"
         print(
-            f"{r['name']:<10} {r['sampler']:<7} {r['steps']:>5} {r['batch']:>5} {precision:<9} {r['frames_done']:>6} "
+            f"{r['name']:<10} {r['sampler']:<7} {r['steps']:>5} {r['batch']:>5} {r['dtype']:<9} {r['frames_done']:>6} "
             f"{r['s_per_frame']:>9.3f} {r['peak_mib']:>9.0f} {flops * r['steps'] / r['s_per_frame'] / 1e12:>8.2f}"
         )
     official, ours = results

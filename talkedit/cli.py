@@ -282,10 +282,13 @@ def dub(
         Optional[str],  # noqa: UP045
         typer.Option(help="cuda, cuda:1, cpu, ... (default: CUDA when available)."),
     ] = None,
-    fp16: Annotated[
-        Optional[bool],  # noqa: UP045
-        typer.Option("--fp16/--fp32", help="Half precision (default: fp16 on CUDA, fp32 on CPU)."),
-    ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="The UNet's precision: auto (fp16 on CUDA, bf16 on a CPU with AMX, else fp32), fp16, bf16 or fp32.",
+            callback=_one_of("auto", "fp16", "bf16", "fp32"),
+        ),
+    ] = "auto",
     face: FaceOption = None,
     fit: Annotated[
         Optional[str],  # noqa: UP045
@@ -352,7 +355,7 @@ def dub(
         steps=steps,
         seed=seed,
         device=device,
-        fp16=fp16,
+        precision=precision,
         face=face,
         fit=fit,
         batch=batch,

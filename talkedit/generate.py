@@ -130,7 +130,7 @@ def generate_chains(
     sampler: str | None = None,
     steps: int | None = None,
     seed: int = 0,
-    fp16: bool | None = None,
+    precision: str = "auto",
     guidance: float = 1.0,
     progress: Callable[[str, int, int], None] | None = None,
     step_callback: Callable | None = None,
@@ -151,7 +151,7 @@ def generate_chains(
     """
     import torch
 
-    from .diffusion import sample_frames
+    from .diffusion import resolve_precision, sample_frames
 
     def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -179,12 +179,13 @@ def generate_chains(
             sampler=sampler,
             steps=steps,
             generator=[generators[k] for k, _ in call],
-            fp16=fp16,
+            precision=precision,
             guidance=guidance,
             callback=step_callback,
         )
         if not torch.isfinite(out).all():  # NaN would quantise to black mouths and exit 0
-            where = " in fp16 (try --fp32)" if fp16 or (fp16 is None and out.is_cuda) else ""
+            half = resolve_precision(out.device, precision) is not None
+            where = " in half precision (try --precision fp32)" if half else ""
             raise TalkeditError(
                 f"the model produced NaN or infinite pixels{where}; its weights are damaged or it diverged: "
                 "re-create or re-train it."

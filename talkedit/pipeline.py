@@ -63,7 +63,7 @@ class DubOptions:
     steps: int | None = None  # sampling steps per frame (default: the model's, 50)
     seed: int = 0  # the same seed gives the same video
     device: str | None = None  # "cuda", "cpu", ... (default: CUDA when available)
-    fp16: bool | None = None  # fp16 autocast (default: on CUDA only)
+    precision: str = "auto"  # the UNet's: auto (fp16 on CUDA, bf16 on a CPU with AMX, else fp32), fp16, bf16, fp32
     face: str | None = None  # which face: rank ("2") or point ("x,y"); default the largest
     fit: Fit | None = None  # speech longer than the video: pingpong (default), loop, hold; shorter: trim
     batch: int | None = None  # chains sampled per UNet call (default: 16 on CUDA, 1 on CPU)
@@ -128,7 +128,7 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
     import torch
 
     from .audio import SAMPLE_RATE, check_speech, frame_windows, mel_spectrogram
-    from .diffusion import resolve_precision
+    from .diffusion import PRECISIONS, resolve_precision
     from .weights import build_model, read_weights, resolve_weights_path
 
     started = time.perf_counter()
@@ -145,6 +145,8 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
         raise TalkeditError(f"--steps {options.steps}: sampling needs at least 1 step per frame.")
     if options.sampler is not None and options.sampler not in ("ddim", "ddpm"):
         raise TalkeditError(f"--sampler {options.sampler!r}: choose ddim or ddpm.")
+    if options.precision not in PRECISIONS:
+        raise TalkeditError(f"--precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}.")
     if options.batch is not None and options.batch < 1:
         raise TalkeditError(f"--batch {options.batch}: at least 1 chain per call.")
     if options.chain_seconds is not None and not options.chain_seconds > 0:
@@ -196,8 +198,10 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
     # the source's own Y'CbCr codes, and encodes, in output order: decoding and x264 run while the UNet samples. The
     # frames are the same as one stage after the other. Writing stays on the main thread, where a signal lands, so
     # an interruption removes the partial file; the generation stops at its next step.
-    # fp16 weights when sampling in fp16 (CUDA's default): autocast would otherwise cast every weight at every step.
-    model = build_model(weights).to(device, resolve_precision(device, options.fp16) or torch.float32)
+    # On CUDA, half weights when sampling in half precision: autocast would otherwise cast every weight at every step.
+    # On a CPU, bf16 weights were no faster than autocast over fp32 ones (README "Benchmarks").
+    half = resolve_precision(device, options.precision) if device.type == "cuda" else None
+    model = build_model(weights).to(device, half or torch.float32)
     if CUDA_GRAPHS and device.type == "cuda":
         from .cudagraph import GraphedUNet
 
@@ -210,8 +214,9 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
         log.warning("no frame has a tracked face: the video is written with its picture unchanged")
     generated = GeneratedCrops(scratch / "generated.npy", num_output, [j for c in chain_list for j in c.frames])
     generate = partial(generate_chains, model, analysis.crops, analysis.masks, src, windows, chain_list, batch,
-                       generated, sampler=options.sampler, steps=options.steps, seed=options.seed, fp16=options.fp16,
-                       guidance=options.guidance, progress=progress, step_callback=generated.check)  # fmt: skip
+                       generated, sampler=options.sampler, steps=options.steps, seed=options.seed,
+                       precision=options.precision, guidance=options.guidance, progress=progress,
+                       step_callback=generated.check)  # fmt: skip
     generation = _GenerateThread(generate, generated)
     generation.start()
     try:

@@ -1,4 +1,4 @@
-"""Session fixtures: the official-code reference tensors in ../shared/fixtures."""
+"""Session fixtures: the official-code reference tensors in ../shared/fixtures; the suite's CPU precision."""
 
 from __future__ import annotations
 
@@ -9,6 +9,15 @@ from safetensors.torch import load_file
 from talkedit.unet import UNet
 
 from .common import fixture_path, strip_prefix
+
+
+@pytest.fixture(autouse=True)
+def cpu_without_bf16_matrix_units(monkeypatch):
+    """Sampling's "auto" precision is bf16 on a CPU with AMX and fp32 on others: the suite runs every in-process
+    sampler as on the latter, so that its results do not depend on the machine. The tests of the bf16 path say so."""
+    from talkedit import diffusion
+
+    monkeypatch.setattr(diffusion, "cpu_has_bf16_matrix_units", lambda: False)
 
 
 @pytest.fixture(scope="session")

@@ -136,6 +136,8 @@ def test_bad_options_are_one_line_errors(talkedit_home, tmp_path):
     assert result.exit_code == 2 and "--face" in result.output
     result = runner.invoke(app, [*args, "--sampler", "euler"])
     assert result.exit_code == 2 and "--sampler" in result.output
+    result = runner.invoke(app, [*args, "--precision", "fp8"])
+    assert result.exit_code == 2 and "'fp8'" in result.output
     result = runner.invoke(app, [*args, "--device", "cuda:7"])
     assert result.exit_code == 1 and "--device cuda:7" in result.output
     result = runner.invoke(app, [*args, "--steps", "0"])

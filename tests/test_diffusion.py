@@ -164,15 +164,66 @@ def test_frame_sampler_uses_the_models_defaults():
 def test_fp16_on_cpu_is_said_once_in_the_log_and_runs_fp32(caplog, monkeypatch):
     from talkedit import diffusion
 
-    monkeypatch.setattr(diffusion, "_FP16_NOTICE_GIVEN", set())
+    monkeypatch.setattr(diffusion, "_NOTICES_GIVEN", set())
     model = random_tiny_model()
     inputs = frame_inputs()
     with caplog.at_level("WARNING", logger="talkedit"):
         for _ in range(3):  # a dub calls the sampler once per frame
-            half = sample_frames(model, *inputs, steps=3, fp16=True)
+            half = sample_frames(model, *inputs, steps=3, precision="fp16")
     assert len([r for r in caplog.records if "fp16" in r.getMessage()]) == 1
-    full = sample_frames(model, *inputs, steps=3, fp16=False)
+    full = sample_frames(model, *inputs, steps=3, precision="fp32")
     assert torch.equal(half, full)
+
+
+class AutocastSpy(torch.nn.Module):
+    """Wraps a UNet and records, per call, the CPU autocast dtype its forward ran under (None: autocast off)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.diffusion, self.seen = model, model.diffusion, []
+
+    def forward(self, *args):
+        self.seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return self.model(*args)
+
+
+@pytest.mark.parametrize("amx", [True, False], ids=["cpu with AMX", "cpu without"])
+def test_auto_precision_is_bf16_only_on_a_cpu_with_bf16_matrix_units(monkeypatch, amx):
+    from talkedit import diffusion
+
+    monkeypatch.setattr(diffusion, "cpu_has_bf16_matrix_units", lambda: amx)
+    model = random_tiny_model()
+    model.diffusion = DiffusionConfig()
+    spy = AutocastSpy(model)
+    out = sample_frames(spy, *frame_inputs(), steps=3)
+    assert spy.seen == [torch.bfloat16 if amx else None] * 3
+    assert out.dtype == torch.float32
+    assert diffusion.resolve_precision(torch.device("cpu"), "fp32") is None
+    assert diffusion.resolve_precision(torch.device("cpu"), "bf16") == torch.bfloat16
+    assert diffusion.resolve_precision(torch.device("cuda"), "auto") == torch.float16
+    assert diffusion.resolve_precision(torch.device("cuda"), "bf16") == torch.bfloat16
+
+
+def test_bf16_on_a_cpu_without_matrix_units_runs_and_says_it_is_slow(caplog, monkeypatch):
+    from talkedit import diffusion
+
+    monkeypatch.setattr(diffusion, "cpu_has_bf16_matrix_units", lambda: False)
+    monkeypatch.setattr(diffusion, "_NOTICES_GIVEN", set())
+    model = random_tiny_model()
+    model.diffusion = DiffusionConfig()
+    spy = AutocastSpy(model)
+    with caplog.at_level("WARNING", logger="talkedit"):
+        sample_frames(spy, *frame_inputs(), steps=2, precision="bf16")
+        sample_frames(spy, *frame_inputs(), steps=2, precision="bf16")
+    assert spy.seen == [torch.bfloat16] * 4
+    assert [r.getMessage() for r in caplog.records if "bf16" in r.getMessage()] == [
+        "this CPU has no bf16 matrix units (AMX): bf16 sampling runs, but slower than fp32"
+    ]
+
+
+def test_an_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        sample_frames(random_tiny_model(), *frame_inputs(), steps=2, precision="half")
 
 
 def test_ddpm_refuses_an_eta_it_would_ignore():

@@ -425,6 +425,39 @@ def test_dub_plans_chains_with_the_chain_length_and_overlap_asked_for(talkedit_h
     assert not (tmp_path / "c.mp4").exists()
 
 
+def test_dub_samples_in_the_precision_asked_for(talkedit_home, tmp_path, monkeypatch):
+    """--precision reaches the sampler; "auto" is its default; a precision that is not one is refused up front."""
+    import torch
+
+    from talkedit import diffusion
+
+    _, tiny = talkedit_home
+    seen = []
+    real = diffusion.sample_frames
+
+    def sample_frames(model, *args, precision, **kwargs):
+        seen.append((precision, next(model.parameters()).dtype))
+        return real(model, *args, precision=precision, **kwargs)
+
+    monkeypatch.setattr(diffusion, "sample_frames", sample_frames)
+    clip, speech = (
+        media("grid_swiz3n_black_male_360x288_25fps.mpg"),
+        media("en_short_voice_recording_22k05_mono_1.8s.m4a"),
+    )
+    args = ["dub", str(clip), str(speech), "--model", str(tiny), "--steps", "1", "--device", "cpu"]
+    for precision in ("bf16", "auto"):
+        out = tmp_path / f"{precision}.mp4"
+        result = runner.invoke(
+            app, [*args, "-o", str(out)] + (["--precision", precision] if precision != "auto" else [])
+        )
+        assert result.exit_code == 0, result.output
+        assert set(seen) == {(precision, torch.float32)}  # on a CPU the weights stay fp32 under autocast
+        seen.clear()
+    with pytest.raises(TalkeditError, match="--precision 'half'"):
+        dub(clip, speech, tmp_path / "c.mp4", DubOptions(model=str(tiny), precision="half"))
+    assert not (tmp_path / "c.mp4").exists() and not seen
+
+
 def test_generated_crops_hand_each_crop_over_as_it_comes_and_stop_both_sides(tmp_path):
     import threading
 

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from talkedit.diffusion import NoiseSchedule, eps_from_output, sample_frames
+from talkedit.diffusion import NoiseSchedule, cpu_has_bf16_matrix_units, eps_from_output, sample_frames
 from talkedit.unet import UNet
 from talkedit.weights import build_model, read_weights
 
 from .common import REPO, media
 
 REFERENCE = REPO / "models" / "grid-s1.safetensors"
-FP16_PSNR_DB = 35.0  # fp16 autocast vs fp32 on the reference model: the stated tolerance (measured: see README)
+FP16_PSNR_DB = 35.0  # fp16 or bf16 autocast vs fp32 on the reference model: the stated tolerance (measured: README)
 
 
 @pytest.fixture(scope="module")
@@ -76,23 +76,45 @@ def test_reference_model_denoises_a_real_mouth_far_better_than_random_weights(re
     assert trained < 0.2 * random
 
 
+def official_inputs(sampler_reference, chains: int) -> list[torch.Tensor]:
+    """The sampler fixture's inputs (one frame) repeated for `chains` chains."""
+    return [sampler_reference[f"input.{k}"].repeat(chains, *[1] * (sampler_reference[f"input.{k}"].dim() - 1))
+            for k in ("y0", "mask", "previous_frame", "id_frame", "audio")]  # fmt: skip
+
+
+def sample_levels(model: torch.nn.Module, inputs: list[torch.Tensor], precision: str, **kwargs) -> np.ndarray:
+    """The chains sampled from noise seeded 0, 1, ... in `precision`, in 8-bit levels."""
+    generators = [torch.Generator().manual_seed(n) for n in range(len(inputs[0]))]
+    out = sample_frames(model, *inputs, generator=generators, precision=precision, **kwargs)
+    return ((out.clamp(-1, 1) + 1) * 127.5).round().cpu().numpy()
+
+
+def psnr_against(full: np.ndarray, half: np.ndarray, name: str) -> float:
+    error = np.abs(half - full)
+    psnr = 10 * np.log10(255**2 / max(np.mean(error**2), 1e-12))
+    print(f"{name} vs fp32: max {error.max():.0f} levels, mean {error.mean():.3f}, PSNR {psnr:.1f} dB")
+    return psnr
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_reference_model_samples_the_same_frames_in_fp16_as_in_fp32(reference, sampler_reference):
     """fp16 (the CUDA default) against fp32, 50 DDIM steps from the same noise, 8 chains: fp16 autocast over fp32
     weights, and over fp16 weights as `dub` loads them."""
     model = build_model(reference).cuda()
-    inputs = [sampler_reference[f"input.{k}"].repeat(8, *[1] * (sampler_reference[f"input.{k}"].dim() - 1))
-              for k in ("y0", "mask", "previous_frame", "id_frame", "audio")]  # fmt: skip
+    inputs = official_inputs(sampler_reference, 8)
+    full = sample_levels(model, inputs, "fp32")
+    for name, half in (("autocast", sample_levels(model, inputs, "fp16")),
+                       ("fp16 weights", sample_levels(model.half(), inputs, "fp16"))):  # fmt: skip
+        assert psnr_against(full, half, f"fp16 ({name})") > FP16_PSNR_DB, name
 
-    def sample(model: torch.nn.Module, fp16: bool) -> np.ndarray:
-        generators = [torch.Generator().manual_seed(n) for n in range(8)]
-        out = sample_frames(model, *inputs, generator=generators, fp16=fp16)
-        return ((out.clamp(-1, 1) + 1) * 127.5).round().cpu().numpy()
 
-    full = sample(model, False)
-    for name, half in (("autocast", sample(model, True)), ("fp16 weights", sample(model.half(), True))):
-        error = np.abs(half - full)
-        psnr = 10 * np.log10(255**2 / max(np.mean(error**2), 1e-12))
-        print(f"fp16 ({name}) vs fp32: max {error.max():.0f} levels, mean {error.mean():.3f}, PSNR {psnr:.1f} dB")
-        assert psnr > FP16_PSNR_DB, name
+@pytest.mark.skipif(
+    not cpu_has_bf16_matrix_units(), reason="bf16 is dub's default only on a CPU with AMX; emulated, it takes minutes"
+)
+def test_reference_model_samples_the_same_frames_in_bf16_on_the_cpu_as_in_fp32(reference, sampler_reference):
+    """bf16 autocast (dub's default on a CPU with AMX) against fp32, 25 DDIM steps from the same noise, 2 chains."""
+    model = build_model(reference)
+    inputs = official_inputs(sampler_reference, 2)
+    full = sample_levels(model, inputs, "fp32", steps=25)
+    assert psnr_against(full, sample_levels(model, inputs, "bf16", steps=25), "bf16 (autocast)") > FP16_PSNR_DB
