@@ -241,8 +241,8 @@ class StepInfo:
 
 
 def cpu_has_bf16_matrix_units() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX), where bf16 sampling is about twice as fast
-    as fp32. Elsewhere bf16 is emulated and far slower (README "Benchmarks")."""
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX), where bf16 sampling is about 1.8 times as
+    fast as fp32. Elsewhere bf16 is emulated and far slower (README "Benchmarks")."""
     try:  # a private torch helper (torch >= 2.1); without it, assume no
         return bool(torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
