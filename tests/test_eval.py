@@ -232,7 +232,7 @@ def test_eval_finds_the_chain_starts_of_a_dub_made_with_other_chain_settings():
 
     wav = np.random.default_rng(0).normal(0, 0.1, 30 * SAMPLE_RATE).astype(np.float32)
     track = np.zeros(750, np.int32)
-    plain = _planned_chain_starts(track, wav, 25)
+    plain = _planned_chain_starts(track, wav, 25, overlap=0)
     assert plain[0] == 0 and 4 <= len(plain) <= 7  # 30 s in chains of about 5 s
     # With an overlap, every frame of each crossfade: the three before each split and the split itself.
     assert _planned_chain_starts(track, wav, 25, overlap=3) == [0] + [s - 3 + k for s in plain[1:] for k in range(4)]

@@ -219,7 +219,7 @@ def test_chains_restart_at_track_breaks_and_jumps_and_split_long_runs_at_the_qui
     loudness = np.zeros(750)
     loudness[::7] = 1
     loudness[130] = -80  # a pause 5.2 s in
-    plan = plan_chains(np.arange(750), np.zeros(750, int), loudness, 25)
+    plan = plan_chains(np.arange(750), np.zeros(750, int), loudness, 25, overlap=0)
     assert plan[0].frames == list(range(130)) and plan[1].start == 130
     assert all(100 <= len(c.frames) <= 250 for c in plan) and sum(len(c.frames) for c in plan) == 750
 
@@ -227,7 +227,7 @@ def test_chains_restart_at_track_breaks_and_jumps_and_split_long_runs_at_the_qui
 def test_an_overlap_starts_each_chain_after_a_split_early_without_moving_the_splits():
     loudness = np.zeros(750)
     loudness[::7] = 1
-    plain = plan_chains(np.arange(750), np.zeros(750, int), loudness, 25)
+    plain = plan_chains(np.arange(750), np.zeros(750, int), loudness, 25, overlap=0)
     plan = plan_chains(np.arange(750), np.zeros(750, int), loudness, 25, overlap=4)
     assert len(plan) == len(plain) >= 3
     assert plan[0].lead == 0 and plan[0].frames == plain[0].frames  # the shot's first chain has nothing to fade into
@@ -291,7 +291,7 @@ def run_generate(monkeypatch, tmp_path, src, track, batch: int):
     monkeypatch.setattr(diffusion, "sample_frames", fake_sample_frames)
     analysis = FakeAnalysis(track)
     windows = np.broadcast_to(np.arange(len(src), dtype=np.float32)[:, None, None], (len(src), 4, 256)).copy()
-    chain_list = plan_chains(src, track, np.zeros(len(src)), 25)
+    chain_list = plan_chains(src, track, np.zeros(len(src)), 25, overlap=0)  # one sample per frame: see crossfade_run
     generated = GeneratedCrops(tmp_path / f"generated-{batch}.npy", len(src))
     generate_chains(None, analysis.crops, analysis.masks, src, windows, chain_list, batch, generated, seed=3)
     return seen, chain_list, generated
@@ -417,9 +417,12 @@ def test_dub_plans_chains_with_the_chain_length_and_overlap_asked_for(talkedit_h
     )
     dub(clip, speech, tmp_path / "a.mp4", DubOptions(model=str(tiny), steps=1, chain_seconds=0.4, overlap=2))
     dub(clip, speech, tmp_path / "b.mp4", DubOptions(model=str(tiny), steps=1))
-    split, whole = plans
+    dub(clip, speech, tmp_path / "d.mp4", DubOptions(model=str(tiny), steps=1, chain_seconds=0.4))
+    split, whole, default_overlap = plans
     assert len(split) >= 3 and [c.lead for c in split] == [0] + [2] * (len(split) - 1)
     assert len(whole) == 1  # 1.8 s: one chain at the default 5 s
+    # By default a chain after a split fades in over 3 frames (the chain study in README "Benchmarks").
+    assert [c.lead for c in default_overlap] == [0] + [3] * (len(default_overlap) - 1)
     with pytest.raises(TalkeditError, match="--chain-seconds"):
         dub(clip, speech, tmp_path / "c.mp4", DubOptions(model=str(tiny), chain_seconds=0))
     assert not (tmp_path / "c.mp4").exists()
