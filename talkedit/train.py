@@ -161,6 +161,7 @@ class Processes:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this run created the process group, so it leaves it (see `close`)
 
     @classmethod
     def from_env(cls) -> Processes:
@@ -170,9 +171,19 @@ class Processes:
             return cls()
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+    def close(self) -> None:
+        """Leave the process group this run created, once every rank is done. A gloo group left to the interpreter's
+        exit can abort the process there (SIGABRT, "terminate called without an active exception": seen once in CI
+        after a torchrun run had finished). Not after an error: a rank still in a collective would hang."""
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
     @property
     def main(self) -> bool:
@@ -767,7 +778,9 @@ def train(
             f"{trainer.checkpoint_path}: a training run is already here; continue it with --resume, or choose "
             "another --workdir."
         )
-    return trainer.run()
+    result = trainer.run()
+    processes.close()
+    return result
 
 
 def _pack_holds(path: Path, videos: list[Path], face: str | None) -> bool:

@@ -381,6 +381,34 @@ def test_bad_training_input_is_one_line_exit_1_and_no_output(kind, two_clips, ta
     assert not output.exists() and not (tmp_path / "m.train").exists()
 
 
+def test_a_run_leaves_the_process_group_it_created_and_only_that(two_clips, tmp_path, monkeypatch):
+    """A gloo group left to the interpreter's exit can abort the process there (SIGABRT after a finished torchrun
+    run, seen once in CI); a group the caller created is the caller's. One real process group of one gloo process."""
+    import socket
+
+    import torch.distributed as dist
+
+    from talkedit import train as train_module
+    from talkedit.train import Processes
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    options = TrainOptions(steps=1, batch=2, arch=TEST_ARCH, eval_every=0)
+    for owns in (True, False):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        monkeypatch.setattr(
+            train_module.Processes, "from_env", classmethod(lambda cls, owns=owns: cls(owns_group=owns))
+        )
+        try:
+            train([two_clips], tmp_path / f"{owns}.safetensors", options)
+            assert dist.is_initialized() is not owns
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    assert Processes.from_env() == Processes()  # one process, no torchrun: no group at all
+
+
 def test_trainer_refuses_a_batch_that_does_not_split_over_the_processes(two_clips, tmp_path):
     from talkedit.train import Processes, TrainError
 
