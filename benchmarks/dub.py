@@ -4,6 +4,7 @@
     python benchmarks/dub.py --model full --steps 50   # the full-size UNet (random weights), for a GPU
     python benchmarks/dub.py --speech-seconds 120      # speech twice the video's length: --fit pingpong
     python benchmarks/dub.py --model full --steps 50 --cuda-graphs yes   # the UNet replayed from CUDA graphs
+    python benchmarks/dub.py --seconds 20 --analysis-workers 1   # the analysis in one thread (dub: one per core)
 
 The clip is made from a real one in ../shared/media (the restaurant clip, upscaled to 1920x1080 and looped to 60 s),
 the speech by looping a real recording to the same length. Needs ../shared/models/face_landmarker.task.
@@ -64,11 +65,13 @@ def make_model(folder: Path, kind: str) -> Path:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from talkedit import pipeline
+    from talkedit import analysis, pipeline
     from talkedit.pipeline import DubOptions, dub
 
     pipeline.WRITE_BESIDE_GENERATION = args.write_beside == "yes"
     pipeline.CUDA_GRAPHS = args.cuda_graphs == "yes"
+    if args.analysis_workers is not None:
+        analysis.MAX_WORKERS = args.analysis_workers
 
     peak_by_stage: dict[str, float] = {}
 
@@ -107,6 +110,8 @@ def main() -> None:
                         help="write the video while the mouths are generated (yes, as dub does) or after")  # fmt: skip
     parser.add_argument("--cuda-graphs", choices=["yes", "no"], default="no",
                         help="on CUDA, replay the UNet from CUDA graphs (talkedit.cudagraph; dub: off)")  # fmt: skip
+    parser.add_argument("--analysis-workers", type=int, default=None,
+                        help="threads analysing parts of the video (dub: one per core, at most 8)")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     for hidden in ("--worker", "--video", "--speech", "--output", "--model-path"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -130,7 +135,7 @@ def main() -> None:
     if args.device:
         cmd += ["--device", args.device]
     cmd += ["--write-beside", args.write_beside, "--cuda-graphs", args.cuda_graphs]
-    for option in ("batch", "chain_seconds", "overlap"):
+    for option in ("batch", "chain_seconds", "overlap", "analysis_workers"):
         if getattr(args, option) is not None:
             cmd += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TALKEDIT_HOME": str(home)})

@@ -13,7 +13,11 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,11 +113,13 @@ def preprocess(
     output_dir: str | os.PathLike | None = None,
     offline: bool | None = None,
     progress: Progress = no_progress,
+    workers: int | None = None,
 ) -> Analysis:
     """Analyse a video (faces, track, alignments, masks, crops) and cache the result by content.
 
     A second call with the same file (under any name) and face choice returns the cached analysis at once. The face
-    landmarker model is fetched on first use unless `offline` (default: HF_HUB_OFFLINE).
+    landmarker model is fetched on first use unless `offline` (default: HF_HUB_OFFLINE). Each pass runs in `workers`
+    threads on consecutive parts of the video (default: one per core, see `analysis_parts`).
     """
     info = probe_video(video)
     choice = face if isinstance(face, FaceChoice) else _parse_face(face)
@@ -126,17 +132,21 @@ def preprocess(
         log.info("analysis found in the cache: %s", directory)
         return cached
 
-    from .landmarks import MediaPipeDetector
+    model = landmarker_path(offline, progress)
 
-    sar = float(info.sar)
-    detections, descriptors, thumbs = [], [], []
-    with MediaPipeDetector(landmarker_path(offline, progress)) as detector:
-        for i, frame in enumerate(iter_frames(info)):
-            faces = _detect(detector, frame, int(i * 1000 / info.fps), sar)
-            detections.append(faces)
-            descriptors.append([face_descriptor(frame, f) for f in faces])
-            thumbs.append(thumbnail(frame))
-            progress("analyse", i + 1, info.frame_count)
+    def find_faces(parts: list[tuple[int, int | None]]) -> list[tuple]:
+        work = lambda start, stop, tick: _find_faces(info, model, start, stop, tick)  # noqa: E731
+        return _run_parts(parts, work, lambda done: progress("analyse", done, info.frame_count))
+
+    parts = analysis_parts(info, workers)
+    found = find_faces(parts)
+    if not _joined(parts, [len(part[0]) for part in found]):
+        log.warning("%s: its parts did not join up when decoded separately; analysing it in one part", info.path)
+        parts = [(0, None)]
+        found = find_faces(parts)
+    detections = [faces for part in found for faces in part[0]]
+    descriptors = [d for part in found for d in part[1]]
+    thumbs = [t for part in found for t in part[2]]
     if len(detections) + MISSING_FRAMES_ALLOWED < info.frame_count:
         raise MediaError(
             f"{info.path}: only {len(detections)} of about {info.frame_count} frames could be decoded; the file may be "
@@ -144,10 +154,11 @@ def preprocess(
         )
     points, track = track_face(detections, find_cuts(np.stack(thumbs)), choice, descriptors)
     if not (track >= 0).any():
-        found = sum(bool(d) for d in detections)
-        hint = f"--face {choice.rank} is not among the faces found" if found else "no face was found in any frame"
+        found_any = sum(bool(d) for d in detections)
+        hint = f"--face {choice.rank} is not among the faces found" if found_any else "no face was found in any frame"
         raise NoFaceError(f"{info.path}: {hint}; give a video where the speaker's face is visible.")
     # Align in display geometry (non-square pixels stretched to their shape), then map stored pixels into it.
+    sar = float(info.sar)
     matrices = alignments(points * np.array([sar, 1], np.float32), track)
     matrices[:, :, 0] *= sar
     log.info("face tracked in %d of %d frames (%d tracks)", (track >= 0).sum(), len(track), track.max() + 1)
@@ -155,17 +166,116 @@ def preprocess(
     total = len(track)
     crops = np.zeros((total, CROP_SIZE, CROP_SIZE, 3), np.uint8)
     masks = np.zeros((total, CROP_SIZE, CROP_SIZE), np.uint8)
-    for i, frame in enumerate(iter_frames(info)):
-        if i >= total:
-            break
-        if track[i] >= 0:
-            crops[i] = crop_face(frame, matrices[i])
-            masks[i] = crop_mask(points[i], matrices[i])
-        progress("crop", i + 1, total)
+
+    def crop(start: int, stop: int | None, tick: Callable[[], None]) -> None:
+        for i, frame in _frames(info, start, total if stop is None else stop):
+            if track[i] >= 0:
+                crops[i] = crop_face(frame, matrices[i])
+                masks[i] = crop_mask(points[i], matrices[i])
+            tick()
+
+    _run_parts([part for part in parts if part[0] < total], crop, lambda done: progress("crop", done, total))
 
     analysis = Analysis(info, points, track, matrices, masks, crops, directory)
     _save_analysis(analysis)
     return analysis
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two passes, in parts: each thread decodes its own part (a seek) and runs its own landmarker. MediaPipe and
+# ffmpeg work outside the GIL, so threads scale with the cores. A landmarker that starts at a part's first frame
+# finds the same landmarks there as one that has run since frame 0 (it looks for faces in every frame: tests).
+
+MAX_WORKERS = 8
+MIN_PART_FRAMES = 100  # a part costs a landmarker (about 0.5 s to open) and a seek: not worth it for fewer frames
+
+
+def analysis_parts(info: VideoInfo, workers: int | None = None) -> list[tuple[int, int | None]]:
+    """The consecutive parts [start, stop) the analysis splits a video into, one per worker; the last has stop None
+    (to the end: the frame count is the probe's estimate). workers: default one per core, at most MAX_WORKERS. A
+    video that cannot be seeked (see `VideoInfo.seekable`) is one part: each part would be decoded from frame 0."""
+    if workers is None:
+        workers = min(os.cpu_count() or 1, MAX_WORKERS)
+    count = max(1, min(workers, info.frame_count // MIN_PART_FRAMES)) if info.seekable else 1
+    starts = [round(k * info.frame_count / count) for k in range(count)]
+    return list(zip(starts, [*starts[1:], None], strict=True))
+
+
+def _frames(info: VideoInfo, start: int, stop: int | None) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, frame) for frames start..stop-1 (to the end when stop is None); ffmpeg stops when this does."""
+    with closing(iter_frames(info, start)) as frames:
+        indices = range(start, sys.maxsize if stop is None else stop)
+        yield from zip(indices, frames, strict=False)  # indices first: no frame is decoded past stop
+
+
+def _find_faces(info: VideoInfo, model: Path, start: int, stop: int | None, tick: Callable[[], None]) -> tuple:
+    """Pass 1 on one part: (detections, descriptors, thumbnails), one entry per frame decoded."""
+    from .landmarks import MediaPipeDetector
+
+    sar = float(info.sar)
+    detections, descriptors, thumbs = [], [], []
+    with MediaPipeDetector(model) as detector:
+        for i, frame in _frames(info, start, stop):
+            faces = _detect(detector, frame, int(i * 1000 / info.fps), sar)
+            detections.append(faces)
+            descriptors.append([face_descriptor(frame, f) for f in faces])
+            thumbs.append(thumbnail(frame))
+            tick()
+    return detections, descriptors, thumbs
+
+
+def _joined(parts: list[tuple[int, int | None]], decoded: list[int]) -> bool:
+    """Whether parts decoded separately make one run of frames: a part that ended early (the stream is shorter than
+    its estimate) may only be followed by parts that found nothing."""
+    short = [stop is not None and n < stop - start for (start, stop), n in zip(parts, decoded, strict=True)]
+    return not any(short[k] and any(decoded[k + 1 :]) for k in range(len(parts)))
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Torch on one thread while the analysis runs: its work here (a few small warps per frame) gains nothing from
+    more, and its threads would compete with ffmpeg's and the landmarkers' for the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _run_parts(parts: list[tuple[int, int | None]], work: Callable, report: Callable[[int], None]) -> list:
+    """work(start, stop, tick) for each part in its own thread, tick() once per frame done. report(frames done) is
+    called from the calling thread; the first error stops the other parts and is raised. Returns the results in part
+    order."""
+    done = [0] * len(parts)
+    cancel = threading.Event()
+
+    def run(k: int, start: int, stop: int | None):
+        def tick() -> None:
+            if cancel.is_set():
+                raise _Cancelled
+            done[k] += 1
+
+        return work(start, stop, tick)
+
+    with _one_torch_thread(), ThreadPoolExecutor(len(parts), thread_name_prefix="talkedit-analysis") as pool:
+        futures = [pool.submit(run, k, start, stop) for k, (start, stop) in enumerate(parts)]
+        try:
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                for future in finished:
+                    future.result()  # the first error, raised here
+                report(sum(done))
+        finally:
+            cancel.set()  # on an error or an interrupt, the other parts stop at their next frame
+    return [future.result() for future in futures]
 
 
 def _detect(detector, frame: np.ndarray, timestamp_ms: int, sar: float) -> list[np.ndarray]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +17,21 @@ NUM_LANDMARKS = 478
 MAX_FACES = 4  # faces looked for in every frame; the target is chosen among them
 
 
+_STDERR_LOCK = threading.Lock()  # fd 2 is the process's: two threads silencing it at once could leave it silenced
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """Silence native libraries writing straight to file descriptor 2."""
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with _STDERR_LOCK:
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "wb") as devnull:
+                os.dup2(devnull.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 class MediaPipeDetector:

@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu/run.sh control          # the shuffled-audio control, 2,500 steps on the whole s1 pack
 #   bash benchmarks/gpu/run.sh control-dubs     # its held-out dubs
 #   bash benchmarks/gpu/run.sh dub1080 [ARGS]   # benchmarks/dub.py --model full at 1080p, with and without CUDA graphs
+#   bash benchmarks/gpu/run.sh analysis1080     # benchmarks/dub.py (tiny model): the analysis in 1 and 8 threads
 #   bash benchmarks/gpu/run.sh park DIR...      # copy carried parts to /tmp/talkedit-park; chain with && before a stage
 #
 # What the stages read comes from `benchmarks/gpu/kit.sh` (run where talkedit is fully installed) under .gpu/. A
@@ -120,7 +121,8 @@ control_dubs() {
 
 KIT=/tmp/talkedit-kit  # on the GPU machine: ffmpeg, wheels, media and the landmarker from kit.sh deps
 
-dub1080() {
+# kit: join and install the kit (once per warm machine) and put its ffmpeg, packages and media where talkedit looks.
+kit() {
   if [[ ! -d $KIT/site ]]; then
     join kit.tar .gpu/k3 /tmp/talkedit-kit.tar || return 1
     mkdir -p "$KIT" && tar -xf /tmp/talkedit-kit.tar -C "$KIT" || return 1
@@ -139,16 +141,28 @@ dub1080() {
   shared_from "$KIT/shared"  # the benchmark's media and the face landmarker
   "$KIT/ffmpeg" -version | head -1
   $PY -c 'import librosa, mediapipe; print("librosa", librosa.__version__, "mediapipe", mediapipe.__version__)'
+}
+
+dub1080() {
+  kit || return 1
   for graphs in no yes; do
     $PY benchmarks/dub.py --model "$DUB_MODEL" --steps "$DUB_STEPS" --cuda-graphs $graphs "$@"
   done
 }
 
-stage=${1:?"a stage: check, compile, cross, control, control-dubs, dub1080 or park DIR..."}
+# The CPU side of a 1080p dub on the GPU machine's cores: the analysis in one thread and in one per core (at most
+# 8), with the tiny model so that the UNet takes little of the time.
+analysis1080() {
+  kit || return 1
+  nproc
+  for workers in 1 8; do $PY benchmarks/dub.py --analysis-workers $workers "$@"; done
+}
+
+stage=${1:?"a stage: check, compile, cross, control, control-dubs, dub1080, analysis1080 or park DIR..."}
 shift
 case $stage in
   park) park "$@" ;;
-  check | compile | cross | control | dub1080) $stage "$@" 2>&1 | tee "$OUT/$stage.log" ;;
+  check | compile | cross | control | dub1080 | analysis1080) $stage "$@" 2>&1 | tee "$OUT/$stage.log" ;;
   control-dubs) control_dubs 2>&1 | tee "$OUT/$stage.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
