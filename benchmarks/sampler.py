@@ -70,14 +70,16 @@ def run_setting(setting: dict) -> dict:
     """Sample `frames` frames with one setting; returns timings and peak memory."""
     import torch
 
-    from talkedit.diffusion import DiffusionConfig, resolve_precision, sample_frames
+    from talkedit.diffusion import DiffusionConfig, resolve_precision, sample_frames, sampling_model
     from talkedit.unet import UNet, UNetConfig
 
     device = torch.device(setting["device"])
     torch.manual_seed(0)
-    # As `dub` loads it: on CUDA, half weights when sampling in half precision; fp32 weights on a CPU.
-    half = resolve_precision(device, setting["precision"]) if device.type == "cuda" else None
-    model = UNet(UNetConfig()).eval().to(device, half or torch.float32)
+    model = UNet(UNetConfig()).eval()
+    if setting["name"] == "official":
+        model = model.to(device)  # fp32, the default layout
+    else:  # as `dub` loads it: on CUDA, half weights when sampling in half precision; channels-last on a CPU
+        model = sampling_model(model, device, setting["precision"])
     model.diffusion = DiffusionConfig()
     if setting["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -178,7 +180,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the defaults (default 50)")
     parser.add_argument("--batch", type=int, default=None, help="chains per UNet call (default: 16 on CUDA, 2 on CPU)")
     parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"])
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="on CUDA (on a CPU, talkedit samples in it already)"
+    )
     parser.add_argument(
         "--precision",
         default="auto",

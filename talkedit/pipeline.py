@@ -125,10 +125,8 @@ def dub(
 
 
 def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progress, scratch: Path) -> DubResult:
-    import torch
-
     from .audio import SAMPLE_RATE, check_speech, frame_windows, mel_spectrogram
-    from .diffusion import PRECISIONS, resolve_precision
+    from .diffusion import PRECISIONS, sampling_model
     from .weights import build_model, read_weights, resolve_weights_path
 
     started = time.perf_counter()
@@ -198,10 +196,7 @@ def _dub(video: Path, speech: Path, output, options: DubOptions, progress: Progr
     # the source's own Y'CbCr codes, and encodes, in output order: decoding and x264 run while the UNet samples. The
     # frames are the same as one stage after the other. Writing stays on the main thread, where a signal lands, so
     # an interruption removes the partial file; the generation stops at its next step.
-    # On CUDA, half weights when sampling in half precision: autocast would otherwise cast every weight at every step.
-    # On a CPU, bf16 weights were no faster than autocast over fp32 ones (README "Benchmarks").
-    half = resolve_precision(device, options.precision) if device.type == "cuda" else None
-    model = build_model(weights).to(device, half or torch.float32)
+    model = sampling_model(build_model(weights), device, options.precision)  # half on CUDA, channels-last on a CPU
     if CUDA_GRAPHS and device.type == "cuda":
         from .cudagraph import GraphedUNet
 

@@ -439,7 +439,9 @@ def test_dub_samples_in_the_precision_asked_for(talkedit_home, tmp_path, monkeyp
     real = diffusion.sample_frames
 
     def sample_frames(model, *args, precision, **kwargs):
-        seen.append((precision, next(model.parameters()).dtype))
+        convolutions = [p for p in model.parameters() if p.dim() == 4]
+        layout = all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+        seen.append((precision, next(model.parameters()).dtype, layout))
         return real(model, *args, precision=precision, **kwargs)
 
     monkeypatch.setattr(diffusion, "sample_frames", sample_frames)
@@ -454,7 +456,7 @@ def test_dub_samples_in_the_precision_asked_for(talkedit_home, tmp_path, monkeyp
             app, [*args, "-o", str(out)] + (["--precision", precision] if precision != "auto" else [])
         )
         assert result.exit_code == 0, result.output
-        assert set(seen) == {(precision, torch.float32)}  # on a CPU the weights stay fp32 under autocast
+        assert set(seen) == {(precision, torch.float32, True)}  # on a CPU: fp32 weights in channels-last
         seen.clear()
     with pytest.raises(TalkeditError, match="--precision 'half'"):
         dub(clip, speech, tmp_path / "c.mp4", DubOptions(model=str(tiny), precision="half"))
