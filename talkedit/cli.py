@@ -558,9 +558,14 @@ def train(
         Optional[str],  # noqa: UP045
         typer.Option(help="cuda, cuda:1 or cpu (default: CUDA when available; under torchrun the local GPU)."),
     ] = None,
-    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32.")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 autocast on CUDA and on a CPU with AMX, else fp32), bf16 or fp32.")
+    ] = "auto",
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet.")] = False,
-    channels_last: Annotated[bool, typer.Option(help="Channels-last memory format.")] = False,
+    channels_last: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option("--channels-last/--no-channels-last", help="Channels-last memory format (default: on a CPU)."),
+    ] = None,
     face: FaceOption = None,
     analysis_dir: AnalysisDirOption = None,
     cache_dir: CacheDirOption = None,

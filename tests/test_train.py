@@ -176,6 +176,43 @@ def test_progress_says_it_is_validating_before_the_slow_evaluation(two_clips, tm
     assert all(notes[i - 1] == (notes[i][0], "validating, sampling 2 mouths") for i in scored), notes
 
 
+@pytest.mark.parametrize("amx", [True, False], ids=["cpu with AMX", "cpu without"])
+def test_auto_precision_is_bf16_on_cuda_and_on_a_cpu_with_bf16_matrix_units(monkeypatch, amx):
+    from talkedit import diffusion
+    from talkedit.train import _autocast_dtype
+
+    monkeypatch.setattr(diffusion, "cpu_has_bf16_matrix_units", lambda: amx)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _autocast_dtype("auto", cpu) == (torch.bfloat16 if amx else None)
+    assert _autocast_dtype("auto", cuda) == torch.bfloat16
+    assert _autocast_dtype("bf16", cpu) == torch.bfloat16  # asked for: even where it is emulated
+    assert _autocast_dtype("fp32", cuda) is None
+    with pytest.raises(TrainError, match="--precision 'fp16'"):
+        _autocast_dtype("fp16", cpu)
+
+
+@pytest.mark.parametrize("channels_last", [None, False])
+def test_on_a_cpu_training_runs_the_unet_in_channels_last_unless_told_not_to(two_clips, tmp_path, monkeypatch,
+                                                                             channels_last):  # fmt: skip
+    from talkedit.unet import UNet
+
+    seen = []
+    forward = UNet.forward
+
+    def spy(self, x, *args, **kwargs):
+        if self.training:
+            weights = [p for p in self.parameters() if p.dim() == 4]
+            layout = all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+            seen.append((layout, x.is_contiguous(memory_format=torch.channels_last)))
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", spy)
+    options = TrainOptions(steps=2, batch=2, arch=TEST_ARCH, eval_every=0, channels_last=channels_last)
+    train([two_clips], tmp_path / "m.safetensors", options)
+    expected = channels_last is None  # the default: on a CPU, yes
+    assert seen and set(seen) == {(expected, expected)}, seen
+
+
 def test_progress_counts_every_step_and_notes_the_loss_at_log_steps(two_clips, tmp_path):
     """The ETA must not wait for the first log step (10 steps of a minute each on a CPU)."""
     options = TrainOptions(steps=3, batch=2, arch=TEST_ARCH, eval_every=0, log_every=2)
@@ -236,7 +273,9 @@ def _max_difference(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
-TRAIN_ARGS = ["--arch", "small", "--eval-every", "0", "--dropout", "0", "--quiet", "--no-ema"]
+# fp32: a subprocess does not see the suite's pin of the CPU's AMX check (conftest.py), and the tolerances below are
+# fp32's.
+TRAIN_ARGS = ["--arch", "small", "--eval-every", "0", "--dropout", "0", "--quiet", "--no-ema", "--precision", "fp32"]
 
 
 def test_two_processes_under_torchrun_match_one_process_with_the_same_global_batch(two_clips, tmp_path):
