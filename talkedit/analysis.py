@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,7 @@ def preprocess(
     model = landmarker_path(offline, progress)
 
     def find_faces(parts: list[tuple[int, int | None]]) -> list[tuple]:
-        work = lambda start, stop, tick: _find_faces(info, model, start, stop, tick)  # noqa: E731
+        work = partial(_find_faces, info, model)  # (start, stop, tick) -> one part's faces
         return _run_parts(parts, work, lambda done: progress("analyse", done, info.frame_count))
 
     parts = analysis_parts(info, workers)
