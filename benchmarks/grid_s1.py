@@ -398,6 +398,7 @@ def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_step
 
     import torch
 
+    from talkedit.diffusion import sampling_model
     from talkedit.pack import read_pack
     from talkedit.unet import UNet
     from talkedit.weights import build_model, read_weights
@@ -409,9 +410,10 @@ def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_step
     rows, _, _ = held_out_frames(pack, clips, clips)
     box = mask_box(pack.masks[rows])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    trained = build_model(read_weights(model_path)).to(device)
+    # fp32 weights (channels-last on a CPU, as dub); each dub's autocast is its own precision
+    trained = sampling_model(build_model(read_weights(model_path)), device, "fp32")
     torch.manual_seed(0)
-    random = UNet(trained.config).to(device).eval()
+    random = sampling_model(UNet(trained.config).eval(), device, "fp32")
     random.diffusion = trained.diffusion
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "frames": len(rows),
               "steps": steps or trained.diffusion.steps, "random_steps": random_steps}  # fmt: skip
@@ -458,6 +460,7 @@ def chain_study(work: Path, model_path: Path, out: Path, steps: int, count: int,
 
     import torch
 
+    from talkedit.diffusion import sampling_model
     from talkedit.generate import chain_jump, mouth_change
     from talkedit.pack import read_pack
     from talkedit.weights import build_model, read_weights
@@ -469,7 +472,7 @@ def chain_study(work: Path, model_path: Path, out: Path, steps: int, count: int,
     masks = pack.masks[rows].astype(bool)
     original = pack.crops[rows]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(read_weights(model_path)).to(device)
+    model = sampling_model(build_model(read_weights(model_path)), device, "fp32")  # channels-last on a CPU, as dub
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "model": str(model_path),
               "clips": len(clips), "frames": len(rows), "steps": steps, "settings": []}  # fmt: skip
     print("| chain s | overlap | chains | jump | change at starts | change elsewhere | mask PSNR (dB) | s/frame |")
