@@ -196,10 +196,15 @@ def analysis_parts(info: VideoInfo, workers: int | None = None) -> list[tuple[in
     (to the end: the frame count is the probe's estimate). workers: default one per core, at most MAX_WORKERS. A
     video that cannot be seeked (see `VideoInfo.seekable`) is one part: each part would be decoded from frame 0."""
     if workers is None:
-        workers = min(os.cpu_count() or 1, MAX_WORKERS)
+        workers = min(_usable_cores(), MAX_WORKERS)
     count = max(1, min(workers, info.frame_count // MIN_PART_FRAMES)) if info.seekable else 1
     starts = [round(k * info.frame_count / count) for k in range(count)]
     return list(zip(starts, [*starts[1:], None], strict=True))
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. under taskset), not all the machine has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _frames(info: VideoInfo, start: int, stop: int | None) -> Iterator[tuple[int, np.ndarray]]:
