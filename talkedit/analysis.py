@@ -21,6 +21,7 @@ from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -135,19 +136,19 @@ def preprocess(
 
     model = landmarker_path(offline, progress)
 
-    def find_faces(parts: list[tuple[int, int | None]]) -> list[tuple]:
+    def find_faces(parts: list[tuple[int, int | None]]) -> list[_Faces]:
         work = partial(_find_faces, info, model)  # (start, stop, tick) -> one part's faces
         return _run_parts(parts, work, lambda done: progress("analyse", done, info.frame_count))
 
     parts = analysis_parts(info, workers)
     found = find_faces(parts)
-    if not _joined(parts, [len(part[0]) for part in found]):
+    if not _joined(parts, [len(part.detections) for part in found]):
         log.warning("%s: its parts did not join up when decoded separately; analysing it in one part", info.path)
         parts = [(0, None)]
         found = find_faces(parts)
-    detections = [faces for part in found for faces in part[0]]
-    descriptors = [d for part in found for d in part[1]]
-    thumbs = [t for part in found for t in part[2]]
+    detections = [faces for part in found for faces in part.detections]
+    descriptors = [d for part in found for d in part.descriptors]
+    thumbs = [t for part in found for t in part.thumbs]
     if len(detections) + MISSING_FRAMES_ALLOWED < info.frame_count:
         raise MediaError(
             f"{info.path}: only {len(detections)} of about {info.frame_count} frames could be decoded; the file may be "
@@ -214,8 +215,16 @@ def _frames(info: VideoInfo, start: int, stop: int | None) -> Iterator[tuple[int
         yield from zip(indices, frames, strict=False)  # indices first: no frame is decoded past stop
 
 
-def _find_faces(info: VideoInfo, model: Path, start: int, stop: int | None, tick: Callable[[], None]) -> tuple:
-    """Pass 1 on one part: (detections, descriptors, thumbnails), one entry per frame decoded."""
+class _Faces(NamedTuple):
+    """What pass 1 finds in one part of a video, one entry per frame decoded."""
+
+    detections: list[list[np.ndarray]]  # each face's (478, 2) landmarks
+    descriptors: list[list[np.ndarray]]  # each face's `face_descriptor`
+    thumbs: list[np.ndarray]  # the frame's `thumbnail`
+
+
+def _find_faces(info: VideoInfo, model: Path, start: int, stop: int | None, tick: Callable[[], None]) -> _Faces:
+    """Pass 1 on one part of the video."""
     from .landmarks import MediaPipeDetector
 
     sar = float(info.sar)
@@ -227,7 +236,7 @@ def _find_faces(info: VideoInfo, model: Path, start: int, stop: int | None, tick
             descriptors.append([face_descriptor(frame, f) for f in faces])
             thumbs.append(thumbnail(frame))
             tick()
-    return detections, descriptors, thumbs
+    return _Faces(detections, descriptors, thumbs)
 
 
 def _joined(parts: list[tuple[int, int | None]], decoded: list[int]) -> bool:
