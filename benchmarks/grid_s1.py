@@ -23,7 +23,7 @@ The cross-speaker check runs the same stages on one clip of each of ten other GR
     git clone https://github.com/rizkiarm/LipNet LipNet-samples
     python benchmarks/grid_s1.py --work grid-x prepare-others LipNet-samples/evaluation/samples
     python benchmarks/grid_s1.py --work grid-x pack --held-out-only
-    python benchmarks/grid_s1.py --work grid-x dubs --model M --steps 25 --random-steps 10   # GPU
+    python benchmarks/grid_s1.py --work grid-x dubs --model M --steps 25 --random-steps 10   # GPU; a CPU: --batch 2
     python benchmarks/grid_s1.py --work grid-x eval
 
 `train`, `sampled`, `dubs` and `chains` need only torch, numpy, safetensors and OpenCV, so they run on a GPU machine
@@ -335,18 +335,29 @@ def held_out_frames(pack, clips: list[int], speech_of: list[int], limit: int | N
 
 
 def dub_held_out(model, pack, clips, speech_of, *, limit=None, steps=None, precision="auto", seed=0,
-                 chain_seconds=None, overlap=None, with_chains=False):  # fmt: skip
-    """Generate the stored frames of `clips` as `dub` would, all chains in the same UNet calls (each clip its own
-    shot; `chain_seconds` and `overlap` as dub's options, default dub's). Returns (N, 128, 128, 3) uint8 in the
-    order of `held_out_frames`, and with `with_chains` also the chain plan."""
+                 chain_seconds=None, overlap=None, with_chains=False, batch=None, label=None):  # fmt: skip
+    """Generate the stored frames of `clips` as `dub` would, up to `batch` chains per UNet call (default all of
+    them; each clip its own shot; `chain_seconds` and `overlap` as dub's options, default dub's). Each chain draws
+    its noise from its own seed, so `batch` changes the speed and the frames at most by rounding. With `label`,
+    prints progress every 10 %.
+    Returns (N, 128, 128, 3) uint8 in the order of `held_out_frames`, and with `with_chains` also the chain plan."""
+    import time
+
     from talkedit.generate import generate_chains, plan_chains
 
     rows, track, windows = held_out_frames(pack, clips, speech_of, limit)
     src = np.arange(len(rows))
     chains = plan_chains(src, track, windows.mean(axis=(1, 2)), 25.0, chain_seconds, overlap)
     out = np.zeros((len(rows), 128, 128, 3), np.uint8)
-    generate_chains(model, pack.crops[rows], pack.masks[rows], src, windows, chains, len(chains), out,
-                    steps=steps, precision=precision, seed=seed)  # fmt: skip
+    start, shown = time.perf_counter(), [0]
+
+    def progress(_stage: str, done: int, total: int) -> None:
+        if label and done * 10 // total > shown[0]:
+            shown[0] = done * 10 // total
+            print(f"{label}: {done}/{total} frames, {time.perf_counter() - start:.0f} s", flush=True)
+
+    generate_chains(model, pack.crops[rows], pack.masks[rows], src, windows, chains, batch or len(chains), out,
+                    steps=steps, precision=precision, seed=seed, progress=progress)  # fmt: skip
     return (out, chains) if with_chains else out
 
 
@@ -391,9 +402,18 @@ def load_crops(path: Path, base: np.ndarray) -> np.ndarray:
     return out
 
 
-def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_steps: int, count: int | None) -> None:
-    """Dub the held-out clips (see CASES) into OUT/CASE.safetensors, and compare fp16 with fp32 sampling on the first
-    10 frames of 8 held-out clips (OUT/dubs.json, with the timings)."""
+def dubs(
+    work: Path,
+    model_path: Path,
+    out: Path,
+    steps: int | None,
+    random_steps: int,
+    count: int | None,
+    batch: int | None = None,
+) -> None:
+    """Dub the held-out clips (see CASES) into OUT/CASE.safetensors, up to `batch` chains per UNet call (default
+    all), and on CUDA compare fp16 with fp32 sampling on the first 10 frames of 8 held-out clips (OUT/dubs.json,
+    with the timings)."""
     import time
 
     import torch
@@ -416,11 +436,11 @@ def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_step
     random = sampling_model(UNet(trained.config).eval(), device, "fp32")
     random.diffusion = trained.diffusion
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "frames": len(rows),
-              "steps": steps or trained.diffusion.steps, "random_steps": random_steps}  # fmt: skip
+              "steps": steps or trained.diffusion.steps, "random_steps": random_steps, "batch": batch}  # fmt: skip
 
     def timed(name: str, *args, **kwargs) -> np.ndarray:
         t = time.perf_counter()
-        crops = dub_held_out(*args, **kwargs)
+        crops = dub_held_out(*args, **kwargs, batch=batch, label=name)
         report[f"{name}_seconds"] = time.perf_counter() - t
         print(f"{name}: {len(crops)} frames in {report[f'{name}_seconds']:.1f} s", flush=True)
         return crops
@@ -685,6 +705,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--random-steps", type=int, default=25, help="sampling steps of the random-weight model")
     p.add_argument("--clips", type=int, help="only the first N held-out clips (all 50 by default)")
+    p.add_argument("--batch", type=int, help="chains per UNet call (default all: a GPU); 2 is fastest on a CPU")
     p = sub.add_parser("chains")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, help="where chains.json goes (default: WORK/dubs)")
@@ -712,7 +733,8 @@ def main() -> None:
     elif args.stage == "eval":
         evaluate_held_out(args.work, args.group, args.clips, args.dubs_only)
     elif args.stage == "dubs":
-        dubs(args.work, args.model, args.out or args.work / "dubs", args.steps, args.random_steps, args.clips)
+        out = args.out or args.work / "dubs"
+        dubs(args.work, args.model, out, args.steps, args.random_steps, args.clips, args.batch)
     elif args.stage == "chains":
         chain_study(args.work, args.model, args.out or args.work / "dubs", args.steps, args.clips, args.settings)
 
