@@ -300,7 +300,7 @@ def dub(
     ] = None,
     batch: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(min=1, help="Chains sampled together (default: 16 on CUDA, 1 on CPU)."),
+        typer.Option(min=1, help="Chains sampled together (default: 16 on CUDA, 2 on CPU)."),
     ] = None,
     chain_seconds: Annotated[
         Optional[float],  # noqa: UP045

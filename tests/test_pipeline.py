@@ -403,11 +403,12 @@ def test_dub_plans_chains_with_the_chain_length_and_overlap_asked_for(talkedit_h
     from talkedit import pipeline
 
     _, tiny = talkedit_home
-    plans = []
+    plans, batches = [], []
 
-    def spy(model, crops, masks, src, windows, chain_list, *args, **kwargs):
+    def spy(model, crops, masks, src, windows, chain_list, batch, *args, **kwargs):
         plans.append(chain_list)
-        return generate_chains(model, crops, masks, src, windows, chain_list, *args, **kwargs)
+        batches.append(batch)
+        return generate_chains(model, crops, masks, src, windows, chain_list, batch, *args, **kwargs)
 
     generate_chains = pipeline.generate_chains
     monkeypatch.setattr(pipeline, "generate_chains", spy)
@@ -423,6 +424,7 @@ def test_dub_plans_chains_with_the_chain_length_and_overlap_asked_for(talkedit_h
     assert len(whole) == 1  # 1.8 s: one chain at the default 5 s
     # By default a chain after a split fades in over 3 frames (the chain study in README "Benchmarks").
     assert [c.lead for c in default_overlap] == [0] + [3] * (len(default_overlap) - 1)
+    assert batches == [2, 2, 2]  # on a CPU 2 chains per UNet call by default: the fastest per frame (README)
     with pytest.raises(TalkeditError, match="--chain-seconds"):
         dub(clip, speech, tmp_path / "c.mp4", DubOptions(model=str(tiny), chain_seconds=0))
     assert not (tmp_path / "c.mp4").exists()
