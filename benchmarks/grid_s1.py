@@ -471,11 +471,13 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def chain_study(work: Path, model_path: Path, out: Path, steps: int, count: int, settings: list[str]) -> None:
+def chain_study(work: Path, model_path: Path, out: Path, steps: int, count: int, settings: list[str],
+                batch: int | None = None) -> None:  # fmt: skip
     """Dub the first `count` held-out clips (3 s each) with their own speech once per setting (chain seconds and
     crossfade overlap, as dub's --chain-seconds and --overlap), and measure on the crops the chain jump (the mouth's
     change where a chain takes over against its change elsewhere, as `talkedit eval` does), the change itself at
-    starts and elsewhere, the mask PSNR against the original and the time. Prints a table; writes OUT/chains.json."""
+    starts and elsewhere, the mask PSNR against the original and the time, up to `batch` chains per UNet call (default
+    all of them). Prints a table; writes OUT/chains.json."""
     import time
 
     import torch
@@ -494,14 +496,14 @@ def chain_study(work: Path, model_path: Path, out: Path, steps: int, count: int,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = sampling_model(build_model(read_weights(model_path)), device, "fp32")  # channels-last on a CPU, as dub
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "model": str(model_path),
-              "clips": len(clips), "frames": len(rows), "steps": steps, "settings": []}  # fmt: skip
+              "clips": len(clips), "frames": len(rows), "steps": steps, "batch": batch, "settings": []}  # fmt: skip
     print("| chain s | overlap | chains | jump | change at starts | change elsewhere | mask PSNR (dB) | s/frame |")
     print("|---|---|---|---|---|---|---|---|")
     for setting in settings:
         seconds, overlap = float(setting.split(":")[0]), int(setting.split(":")[1])
         t = time.perf_counter()
         crops, chains = dub_held_out(model, pack, clips, clips, steps=steps, chain_seconds=seconds, overlap=overlap,
-                                     with_chains=True)  # fmt: skip
+                                     with_chains=True, batch=batch)  # fmt: skip
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t
@@ -712,6 +714,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--clips", type=int, default=20, help="the first N held-out clips")
     p.add_argument("--settings", nargs="+", default=list(CHAIN_SETTINGS), help="chain seconds:overlap frames")
+    p.add_argument("--batch", type=int, help="chains per UNet call (default all: a GPU); 2 is fastest on a CPU")
     args = parser.parse_args()
     if args.stage == "prepare":
         prepare(args.source, args.work)
@@ -736,7 +739,8 @@ def main() -> None:
         out = args.out or args.work / "dubs"
         dubs(args.work, args.model, out, args.steps, args.random_steps, args.clips, args.batch)
     elif args.stage == "chains":
-        chain_study(args.work, args.model, args.out or args.work / "dubs", args.steps, args.clips, args.settings)
+        out = args.out or args.work / "dubs"
+        chain_study(args.work, args.model, out, args.steps, args.clips, args.settings, args.batch)
 
 
 if __name__ == "__main__":
