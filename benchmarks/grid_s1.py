@@ -402,15 +402,8 @@ def load_crops(path: Path, base: np.ndarray) -> np.ndarray:
     return out
 
 
-def dubs(
-    work: Path,
-    model_path: Path,
-    out: Path,
-    steps: int | None,
-    random_steps: int,
-    count: int | None,
-    batch: int | None = None,
-) -> None:
+def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_steps: int, count: int | None,
+         batch: int | None = None) -> None:  # fmt: skip
     """Dub the held-out clips (see CASES) into OUT/CASE.safetensors, up to `batch` chains per UNet call (default
     all), and on CUDA compare fp16 with fp32 sampling on the first 10 frames of 8 held-out clips (OUT/dubs.json,
     with the timings)."""

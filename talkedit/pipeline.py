@@ -52,8 +52,8 @@ WRITE_BESIDE_GENERATION = True
 # On CUDA, replay the UNet's calls from CUDA graphs (talkedit.cudagraph), against the launch overhead of small batches.
 # Off until a GPU run has measured it: benchmarks/dub.py --cuda-graphs yes|no and benchmarks/sampler.py --cuda-graphs.
 CUDA_GRAPHS = False
-# Chains sampled per UNet call by default. On a CPU, 2 chains per call cost less per frame than one (2-core Xeon with
-# AMX, reference UNet, bf16: 0.082 against 0.108 s per frame and step; fp32 0.213 against 0.222) and more cost more.
+# Chains sampled per UNet call by default. On a CPU, 2 chains per call cost less per frame than 1, 3 or 4 (2-core Xeon
+# with AMX, reference UNet, bf16: 0.082 against 0.108 s per frame and step at 1; fp32: 0.213 against 0.222).
 CUDA_BATCH, CPU_BATCH = 16, 2
 
 
