@@ -685,13 +685,10 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
     if precision not in ("auto", "bf16", "fp32"):
         raise TrainError(f"--precision {precision!r}: choose auto, bf16 or fp32.")
-    if precision == "fp32":
-        return None
-    if precision == "auto" and device.type == "cpu" and not diffusion.cpu_has_bf16_matrix_units():
-        return None
-    if precision == "auto" and device.type not in ("cuda", "cpu"):
-        return None
-    return torch.bfloat16
+    if precision == "auto":
+        fast = device.type == "cuda" or (device.type == "cpu" and diffusion.cpu_has_bf16_matrix_units())
+        return torch.bfloat16 if fast else None
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def _initial_weights(init: str) -> tuple[UNet, DiffusionConfig, dict]:
