@@ -815,7 +815,9 @@ def _check_output(output: Path, workdir: Path) -> None:
         raise TrainError(f"{output}: the model is written as a .safetensors file; name it NAME.safetensors.")
     if output.is_dir():
         raise TrainError(f"{output}: is a folder; give a file name for the model.")
-    if not output.parent.exists() or not os.access(output.parent, os.W_OK):
+    if not output.parent.is_dir():
+        raise TrainError(f"{output}: folder {output.parent} does not exist; create it or choose another path.")
+    if not os.access(output.parent, os.W_OK):
         raise TrainError(f"{output.parent}: cannot write here; choose another folder for the model.")
     if workdir.exists() and not workdir.is_dir():
         raise TrainError(f"{workdir}: exists and is not a folder; choose another --workdir.")

@@ -420,6 +420,19 @@ def test_bad_training_input_is_one_line_exit_1_and_no_output(kind, two_clips, ta
     assert not output.exists() and not (tmp_path / "m.train").exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("nowhere/m.safetensors", "nowhere does not exist; create it"), ("folder.safetensors", "is a folder"),
+     ("m.pt", "name it NAME.safetensors")],
+)  # fmt: skip
+def test_a_bad_output_path_is_named_before_any_work(name, expected, tmp_path):
+    """The model's path is checked before the inputs are read (none exist here), and the error says what to do."""
+    (tmp_path / "folder.safetensors").mkdir()
+    with pytest.raises(TrainError, match=expected):
+        train([tmp_path / "absent.pack"], tmp_path / name, TrainOptions(steps=1, arch=TEST_ARCH, eval_every=0))
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_a_run_leaves_the_process_group_it_created_and_only_that(two_clips, tmp_path, monkeypatch):
     """A gloo group left to the interpreter's exit can abort the process there (SIGABRT after a finished torchrun
     run, seen once in CI); a group the caller created is the caller's. One real process group of one gloo process."""
