@@ -239,13 +239,13 @@ def keep_freed_memory() -> bool:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, Windows)
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS; Windows has no CDLL(None))
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, 256 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
-def room_to_keep_freed_memory(local_batch: int, meminfo: str | os.PathLike = "/proc/meminfo") -> bool:
+def room_to_keep_freed_memory(batch: int, meminfo: str | os.PathLike = "/proc/meminfo") -> bool:
     """Whether there is memory for what keep_freed_memory costs: a run that fits without it must not be pushed out of
     memory by it. With it the paper's UNet took 16.5 GB at the peak at batch 32 (13.0 without) and 2.7 GB at batch 4
     (the same without) in benchmarks/train.py; the GRID s1 run peaked at 23.0 GB in all (18.6 without), of which
@@ -256,7 +256,7 @@ def room_to_keep_freed_memory(local_batch: int, meminfo: str | os.PathLike = "/p
             available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return False
-    return available_kib * 1024 >= 0.6e9 * local_batch + 1.5e9
+    return available_kib * 1024 >= 0.6e9 * batch + 1.5e9
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,8 +360,8 @@ class Trainer:
         self.local_batch = options.batch // self.processes.world
         self.autocast = _autocast_dtype(options.precision, self.device)
         self.channels_last = self.device.type == "cpu" if options.channels_last is None else options.channels_last
-        if self.device.type == "cpu" and room_to_keep_freed_memory(self.local_batch):
-            keep_freed_memory()
+        if self.device.type == "cpu" and room_to_keep_freed_memory(options.batch):  # all processes' samples:
+            keep_freed_memory()  # torchrun's CPU processes usually share one machine
 
         # The model: from weights (fine-tuning) or new.
         self.init_provenance: dict = {"from": "scratch"}
