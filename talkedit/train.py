@@ -360,8 +360,9 @@ class Trainer:
         self.local_batch = options.batch // self.processes.world
         self.autocast = _autocast_dtype(options.precision, self.device)
         self.channels_last = self.device.type == "cpu" if options.channels_last is None else options.channels_last
-        if self.device.type == "cpu" and room_to_keep_freed_memory(options.batch):  # all processes' samples:
-            keep_freed_memory()  # torchrun's CPU processes usually share one machine
+        # The global batch: torchrun's CPU processes usually share one machine's memory.
+        if self.device.type == "cpu" and room_to_keep_freed_memory(options.batch):
+            keep_freed_memory()
 
         # The model: from weights (fine-tuning) or new.
         self.init_provenance: dict = {"from": "scratch"}
