@@ -517,6 +517,19 @@ def test_trainer_refuses_a_batch_that_does_not_split_over_the_processes(two_clip
                 Processes(rank=0, world=2))  # fmt: skip
 
 
+@pytest.mark.parametrize("room", [True, False])
+def test_a_cpu_trainer_keeps_freed_memory_where_there_is_room(room, two_clips, tmp_path, monkeypatch):
+    from talkedit import train as train_module
+
+    asked, kept = [], []
+    monkeypatch.setattr(train_module, "room_to_keep_freed_memory", lambda batch: asked.append(batch) or room)
+    monkeypatch.setattr(train_module, "keep_freed_memory", lambda: kept.append(True) or True)
+    pack = read_pack(two_clips)
+    Trainer(pack, split_pack(pack), tmp_path / "m.safetensors", TrainOptions(batch=4, arch=SMALL, device="cpu"))
+    assert asked == [4]
+    assert kept == ([True] if room else [])
+
+
 def test_train_benchmark_prints_its_table_on_cpu():
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--quick"], capture_output=True,
                           text=True, timeout=600)  # fmt: skip
