@@ -229,8 +229,8 @@ def keep_freed_memory() -> bool:
     its large activations in again page by page: at batch 32 on a CPU, a third of the time went to the kernel. With
     buffers up to 256 MiB served from the heap and up to 1 GiB of free memory kept there, the paper's UNet trained at
     2.55 samples/s against 1.61 (2-core Xeon, bf16, channels-last, batch 32), for 3.5 GB more memory at the peak
-    (README "What it costs"); the Trainer asks for it where room_to_keep_freed_memory says. It holds for the whole
-    process. Returns whether malloc took the settings (False on other C libraries, or where the user set
+    (README "Keeping freed memory on a CPU"); the Trainer asks for it where room_to_keep_freed_memory says. It holds
+    for the whole process. Returns whether malloc took the settings (False on other C libraries, or where the user set
     MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ themselves: theirs stand).
     """
     import ctypes
