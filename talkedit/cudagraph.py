@@ -7,8 +7,13 @@ launch.
 
 A graph fixes its shapes and the memory its inputs and outputs live in. `GraphedUNet` therefore keeps one graph per
 input shape (in practice per batch size: a schedule of B chains makes B, then fewer as chains end), captured the first
-time that shape comes, with static inputs that every call copies into. Capturing costs a few eager calls and the
-graph keeps its own activation memory (about what one eager call of that batch needs).
+time that shape comes, with static inputs that every call copies into. Capturing costs a few eager calls.
+
+A graph keeps the activation memory it was captured with. The graphs of one `GraphedUNet` share one memory pool, so
+where the largest batch comes first, as in dub, they hold about what its call needs, not the sum over every batch
+size that a dub's ending chains make (up to 16 graphs at the default batch of 16). Sharing is safe here because
+replays never overlap (one stream, one call at a time) and each replay's output is copied out before the next call,
+whatever graph that call replays.
 
 It is for sampling only: no gradients, and the weights must not change after a graph is captured. Where the input
 is not on CUDA it calls the UNet as is.
@@ -33,7 +38,7 @@ def _autocast_state() -> tuple[bool, torch.dtype]:
 class _Graph:
     """One captured UNet call: its static inputs (x, gamma, audio, audio_dropped) and its static output."""
 
-    def __init__(self, unet: nn.Module, x: torch.Tensor, gamma: torch.Tensor, audio: torch.Tensor) -> None:
+    def __init__(self, unet: nn.Module, x: torch.Tensor, gamma: torch.Tensor, audio: torch.Tensor, pool) -> None:
         self.inputs = (
             torch.zeros_like(x),
             torch.zeros_like(gamma),
@@ -53,7 +58,7 @@ class _Graph:
             torch.cuda.current_stream(x.device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: dub samples on a thread of its own while the main thread writes the video.
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
                 self.output = unet(*self.inputs)
         finally:
             torch.set_autocast_cache_enabled(cache_enabled)
@@ -77,6 +82,7 @@ class GraphedUNet(nn.Module):
         self.unet = unet
         self.diffusion = getattr(unet, "diffusion", None)
         self._graphs: dict[tuple, _Graph] = {}
+        self._pool = None  # the memory pool all graphs share, made at the first capture
 
     @property
     def captured(self) -> list[tuple]:
@@ -96,5 +102,7 @@ class GraphedUNet(nn.Module):
             key = (tuple(x.shape), x.dtype, tuple(audio.shape), audio.dtype, gamma.dtype, _autocast_state())
             graph = self._graphs.get(key)
             if graph is None:
-                graph = self._graphs[key] = _Graph(self.unet, x, gamma, audio)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = self._graphs[key] = _Graph(self.unet, x, gamma, audio, self._pool)
             return graph(x, gamma, audio, audio_dropped.to(x.device, torch.bool))

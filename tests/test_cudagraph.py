@@ -79,3 +79,38 @@ def test_cuda_graphs_are_captured_on_dubs_generation_thread():
         busy = np.sqrt(busy + 1.0)
     thread.join()
     assert np.abs(result["out"].astype(int) - eager.astype(int)).max() <= 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_graphs_of_every_batch_size_share_one_memory_pool():
+    """A dub's chains end one by one, so it captures a graph for each batch size from B down. Together they must hold
+    about the memory of the largest call, not the sum over all of them (4.5 times as much here), and still replay
+    what the eager UNet computes, whichever was captured last."""
+    model = random_tiny_model().cuda().half()
+    graphed = GraphedUNet(model)
+    size, audio_size = TINY.image_size, TINY.audio_frames * TINY.audio_bins
+
+    def call(batch: int) -> None:
+        g = torch.Generator("cuda").manual_seed(batch)
+        x = torch.randn(batch, TINY.in_channels, size, size, generator=g, device="cuda").half()
+        gamma = torch.rand(batch, generator=g, device="cuda")
+        audio = torch.randn(batch, audio_size, generator=g, device="cuda").half() * 40
+        with torch.inference_mode():
+            torch.testing.assert_close(graphed(x, gamma, audio), model(x, gamma, audio), atol=2e-3, rtol=0)
+
+    def reserved() -> int:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # leaves what live graphs hold
+        return torch.cuda.memory_reserved()
+
+    base = reserved()
+    call(256)
+    largest = reserved() - base
+    for batch in range(224, 0, -32):
+        call(batch)
+    assert len(graphed.captured) == 8
+    assert largest > 0
+    assert reserved() - base < 2 * largest
+    call(256)  # replayed after the others were captured in the same pool
+    assert len(graphed.captured) == 8
