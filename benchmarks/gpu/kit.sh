@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu/kit.sh held LipNet/data/s1 LipNet-samples/evaluation/samples   # .gpu/w .gpu/x, minutes
 #   bash benchmarks/gpu/kit.sh pack       # .gpu/p1 .gpu/p2: the whole s1 pack in parts (15 min on 2 Xeon cores)
 #   bash benchmarks/gpu/kit.sh deps       # .gpu/k1 .gpu/k2 ...: ffmpeg, wheels, media for run.sh dub1080; .gpu/f
+#   bash benchmarks/gpu/kit.sh suite      # .gpu/t1 .gpu/t2 ...: pytest, the CLI's packages, ../shared: run.sh suite
 #   bash benchmarks/gpu/kit.sh control-model PART...   # .gpu/c/control.safetensors from the parts `control` returned
 #   bash benchmarks/gpu/kit.sh control-work DUBS METRICS   # .gpu/c, for `grid_s1.py --work .gpu/c eval`
 #
@@ -96,6 +97,30 @@ deps() {
   rm -rf "$kit" .gpu/kit.tar
 }
 
+# What the whole test suite needs on top of the dub kit (deps): pytest and the CLI's and the hub's packages with
+# their dependencies, at the versions installed here, and all of ../shared (spec, fixtures, media, models).
+SUITE_PACKAGES="typer huggingface-hub pytest"
+
+suite() {
+  local kit=.gpu/suite
+  rm -rf "$kit" && mkdir -p "$kit/wheels" "$kit/shared"
+  local pins; pins=$(mktemp)
+  $PY -m pip freeze --exclude-editable | grep -v '^torch' > "$pins"
+  $PY -m pip download -q --only-binary=:all: --python-version "$KIT_PYTHON" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -c "$pins" -d "$kit/wheels" $SUITE_PACKAGES
+  # python_speech_features (the reference MFCCs of the SyncNet tests) is published as source only.
+  $PY -m pip wheel -q --no-deps -w "$kit/wheels" "$(grep -i '^python.speech.features==' "$pins")"
+  # imageio-ffmpeg built from source has no binary: run.sh points it at the dub kit's ffmpeg (its own, compressed).
+  $PY -m pip wheel -q --no-deps --no-binary imageio-ffmpeg -w "$kit/wheels" "$(grep -i '^imageio.ffmpeg==' "$pins")"
+  rm "$pins"
+  cp -r "$SHARED/spec" "$SHARED/fixtures" "$SHARED/media" "$SHARED/models" "$kit/shared/"
+  tar -cf .gpu/suite.tar -C "$kit" .
+  # 101 MB: three parts of 34 MiB (beside the 27.2 MiB tree, within 64) save a command against four of 33.
+  PART_MIB=34 split_parts .gpu/suite.tar t
+  rm -rf "$kit" .gpu/suite.tar
+}
+
 control_model() {
   mkdir -p .gpu/c
   $PY benchmarks/grid_s1.py join "$@" -o .gpu/c/control.safetensors
@@ -111,10 +136,10 @@ control_work() {
   cp "$metrics" .gpu/c/train-v/metrics.jsonl
 }
 
-stage=${1:?"a stage: held S1 OTHERS, pack, deps, control-model PART... or control-work DUBS METRICS"}
+stage=${1:?"a stage: held S1 OTHERS, pack, deps, suite, control-model PART... or control-work DUBS METRICS"}
 shift
 case $stage in
-  held | pack | deps) $stage "$@" ;;
+  held | pack | deps | suite) $stage "$@" ;;
   control-model) control_model "$@" ;;
   control-work) control_work "$@" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

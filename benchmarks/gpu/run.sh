@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu/run.sh control-dubs     # its held-out dubs
 #   bash benchmarks/gpu/run.sh dub1080 [ARGS]   # benchmarks/dub.py --model full at 1080p, with and without CUDA graphs
 #   bash benchmarks/gpu/run.sh analysis1080     # benchmarks/dub.py (tiny model): the analysis in 1 and 8 threads
+#   bash benchmarks/gpu/run.sh suite [ARGS]     # the whole test suite (pytest ARGS), cuda tests included
 #   bash benchmarks/gpu/run.sh park DIR...      # copy carried parts to /tmp/talkedit-park; chain with && before a stage
 #
 # What the stages read comes from `benchmarks/gpu/kit.sh` (run where talkedit is fully installed) under .gpu/. A
@@ -158,11 +159,30 @@ analysis1080() {
   for workers in 1 8; do $PY benchmarks/dub.py --analysis-workers $workers "$@"; done
 }
 
-stage=${1:?"a stage: check, compile, cross, control, control-dubs, dub1080, analysis1080 or park DIR..."}
+SUITE=/tmp/talkedit-suite  # on the GPU machine: pytest, the CLI's and the hub's packages, all of ../shared
+
+# suite [PYTEST ARGS]: the whole test suite, `cuda` tests included, on the dub kit plus kit.sh's suite kit (its
+# parts parked, the last carried). Run it in two halves, each within a command's 10 minutes.
+suite() {
+  kit || return 1
+  if [[ ! -d $SUITE/site ]]; then
+    local carried; carried=$(ls -d .gpu/t[0-9]* | tail -1)  # the one part this command carries
+    join suite.tar "$carried" /tmp/talkedit-suite.tar || return 1
+    mkdir -p "$SUITE" && tar -xf /tmp/talkedit-suite.tar -C "$SUITE" || return 1
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SUITE/site" \
+      "$SUITE"/wheels/*.whl || return 1
+  fi
+  export PYTHONPATH="$PYTHONPATH:$SUITE/site" IMAGEIO_FFMPEG_EXE="$KIT/ffmpeg"
+  shared_from "$SUITE/shared"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  $PY -m pytest -q -p no:cacheprovider -rfEs --durations 15 "$@"
+}
+
+stage=${1:?"a stage: check, compile, cross, control, control-dubs, dub1080, analysis1080, suite or park DIR..."}
 shift
 case $stage in
   park) park "$@" ;;
-  check | compile | cross | control | dub1080 | analysis1080) $stage "$@" 2>&1 | tee "$OUT/$stage.log" ;;
+  check | compile | cross | control | dub1080 | analysis1080 | suite) $stage "$@" 2>&1 | tee "$OUT/$stage.log" ;;
   control-dubs) control_dubs 2>&1 | tee "$OUT/$stage.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
