@@ -207,7 +207,7 @@ def test_on_a_cpu_training_runs_the_unet_in_channels_last_unless_told_not_to(two
         return forward(self, x, *args, **kwargs)
 
     monkeypatch.setattr(UNet, "forward", spy)
-    options = TrainOptions(steps=2, batch=2, arch=TEST_ARCH, eval_every=0, channels_last=channels_last)
+    options = TrainOptions(steps=2, batch=2, arch=TEST_ARCH, eval_every=0, channels_last=channels_last, device="cpu")
     train([two_clips], tmp_path / "m.safetensors", options)
     expected = channels_last is None  # the default: on a CPU, yes
     assert seen and set(seen) == {(expected, expected)}, seen
@@ -275,7 +275,10 @@ def _max_difference(a: Path, b: Path) -> float:
 
 # fp32: a subprocess does not see the suite's pin of the CPU's AMX check (conftest.py), and the tolerances below are
 # fp32's.
-TRAIN_ARGS = ["--arch", "small", "--eval-every", "0", "--dropout", "0", "--quiet", "--no-ema", "--precision", "fp32"]
+# On a CPU: a resumed run repeats an uninterrupted one bit for bit there (CUDA's kernels need not be deterministic), and
+# torchrun's two processes share it where a machine has one GPU.
+TRAIN_ARGS = ["--arch", "small", "--eval-every", "0", "--dropout", "0", "--quiet", "--no-ema", "--precision", "fp32",
+              "--device", "cpu"]  # fmt: skip
 
 
 def test_two_processes_under_torchrun_match_one_process_with_the_same_global_batch(two_clips, tmp_path):
@@ -350,7 +353,7 @@ def test_a_checkpoint_from_before_prediction_was_a_setting_resumes_as_the_eps_ru
 
 def test_time_limit_stops_at_a_checkpoint_and_the_resumed_run_is_the_uninterrupted_one(two_clips, tmp_path):
     def options(**changes) -> TrainOptions:
-        base = dict(steps=6, batch=2, arch=TEST_ARCH, eval_every=0, checkpoint_every=100)
+        base = dict(steps=6, batch=2, arch=TEST_ARCH, eval_every=0, checkpoint_every=100, device="cpu")  # bit for bit
         return TrainOptions(**{**base, **changes})
 
     whole = train([two_clips], tmp_path / "whole.safetensors", options())
@@ -531,8 +534,8 @@ def test_a_cpu_trainer_keeps_freed_memory_where_there_is_room(room, two_clips, t
 
 
 def test_train_benchmark_prints_its_table_on_cpu():
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--quick"], capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--quick", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "samples/s" in proc.stdout and "cpu" in proc.stdout
 
