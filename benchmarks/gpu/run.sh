@@ -162,7 +162,7 @@ analysis1080() {
 SUITE=/tmp/talkedit-suite  # on the GPU machine: pytest, the CLI's and the hub's packages, all of ../shared
 
 # suite [PYTEST ARGS]: the whole test suite, `cuda` tests included, on the dub kit plus kit.sh's suite kit (its
-# parts parked, the last carried). Run it in two halves, each within a command's 10 minutes.
+# parts parked, the last carried). Run it in parts, each within a command's 10 minutes (README "GPU runs").
 suite() {
   kit || return 1
   if [[ ! -d $SUITE/site ]]; then
