@@ -68,11 +68,17 @@ def media(name: str) -> Path:
     return path
 
 
+def talkedit_command() -> list[str]:
+    """The installed console script, as a user runs it; `python -m talkedit` where none is installed beside this
+    Python (a checkout on PYTHONPATH, as on the GPU machines of benchmarks/gpu/run.sh)."""
+    exe = Path(sys.executable).with_name("talkedit")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "talkedit"]
+
+
 def run_talkedit(*args: str, env: dict[str, str] | None = None, **popen) -> subprocess.CompletedProcess:
     """The installed console script, as a user runs it (HF_HUB_OFFLINE from the caller's shell is dropped); `popen`
     goes to subprocess.run."""
-    exe = Path(sys.executable).with_name("talkedit")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "talkedit"]
+    cmd = talkedit_command()
     inherited = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     full_env = {**inherited, "COLUMNS": "300", **(env or {})}
     popen.setdefault("timeout", 300)

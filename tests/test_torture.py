@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from .common import LANDMARKER, media, run_talkedit
+from .common import LANDMARKER, media, run_talkedit, talkedit_command
 
 VIDEO = "grid_swiz3n_black_male_360x288_25fps.mpg"
 SPEECH = "en_short_voice_recording_22k05_mono_1.8s.m4a"
@@ -252,16 +252,14 @@ def test_bad_choices_are_usage_errors(talkedit_home, inputs, tmp_path, option):
 def test_a_signal_while_writing_leaves_no_partial_file(talkedit_home, inputs, tmp_path, signame):
     import signal
     import subprocess
-    import sys
     import time
 
     video, _, before = inputs
     output = tmp_path / "out.mp4"
-    exe = Path(sys.executable).with_name("talkedit")
     long_speech = media("en_female_ljspeech_LJ001-0001_22k05_mono.wav")  # 9.7 s: a few seconds of writing
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    args = [str(exe), "dub", str(video), str(long_speech), "-o", str(output), "--model", str(talkedit_home[1]),
-            "--offline", "-q"]  # fmt: skip
+    args = [*talkedit_command(), "dub", str(video), str(long_speech), "-o", str(output), "--model",
+            str(talkedit_home[1]), "--offline", "-q"]  # fmt: skip
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 240

@@ -24,7 +24,7 @@ from talkedit.samples import TrainingData
 from talkedit.train import SMALL, Recipe, Trainer, TrainError, TrainOptions, masked_loss, train
 from talkedit.unet import UNetConfig
 
-from .common import REPO, media, run_talkedit
+from .common import REPO, media, run_talkedit, talkedit_command
 
 CLIPS = ["grid_lwbsza_female_360x288_25fps.mpg", "grid_swiz3n_black_male_360x288_25fps.mpg"]
 # Fast enough for a few hundred steps on a CPU in a test; 128 px, as the pack's crops.
@@ -306,8 +306,7 @@ def test_sigterm_saves_a_checkpoint_and_resuming_ends_where_an_uninterrupted_run
     assert whole.returncode == 0, whole.stderr
 
     out = tmp_path / "cut.safetensors"
-    exe = Path(sys.executable).with_name("talkedit")
-    proc = subprocess.Popen([str(exe), *args, "-o", str(out)], stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([*talkedit_command(), *args, "-o", str(out)], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "300"})  # fmt: skip
     checkpoint = tmp_path / "cut.train" / "checkpoint.pt"
     try:
