@@ -120,15 +120,20 @@ control_dubs() {
     ${CLIPS:+--clips "$CLIPS"} --out "$OUT/c"
 }
 
+# unpack NAME CARRIED DIR: NAME joined (see join), unpacked into DIR, and its wheels installed into DIR/site.
+unpack() {
+  local name=$1 carried=$2 dir=$3
+  join "$name" "$carried" "/tmp/talkedit-$name" || return 1
+  mkdir -p "$dir" && tar -xf "/tmp/talkedit-$name" -C "$dir" || return 1
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$dir/site" "$dir"/wheels/*.whl
+}
+
 KIT=/tmp/talkedit-kit  # on the GPU machine: ffmpeg, wheels, media and the landmarker from kit.sh deps
 
 # kit: join and install the kit (once per warm machine) and put its ffmpeg, packages and media where talkedit looks.
 kit() {
   if [[ ! -d $KIT/site ]]; then
-    join kit.tar .gpu/k3 /tmp/talkedit-kit.tar || return 1
-    mkdir -p "$KIT" && tar -xf /tmp/talkedit-kit.tar -C "$KIT" || return 1
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$KIT/site" "$KIT"/wheels/*.whl \
-      || return 1
+    unpack kit.tar .gpu/k3 "$KIT" || return 1
     $PY -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
       "$KIT/ffmpeg.xz" "$KIT/ffmpeg" && chmod +x "$KIT/ffmpeg"
   fi
@@ -166,11 +171,7 @@ SUITE=/tmp/talkedit-suite  # on the GPU machine: pytest, the CLI's and the hub's
 suite() {
   kit || return 1
   if [[ ! -d $SUITE/site ]]; then
-    local carried; carried=$(ls -d .gpu/t[0-9]* | tail -1)  # the one part this command carries
-    join suite.tar "$carried" /tmp/talkedit-suite.tar || return 1
-    mkdir -p "$SUITE" && tar -xf /tmp/talkedit-suite.tar -C "$SUITE" || return 1
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SUITE/site" \
-      "$SUITE"/wheels/*.whl || return 1
+    unpack suite.tar "$(ls -d .gpu/t[0-9]* | tail -1)" "$SUITE" || return 1  # the one part this command carries
   fi
   export PYTHONPATH="$PYTHONPATH:$SUITE/site" IMAGEIO_FFMPEG_EXE="$KIT/ffmpeg"
   shared_from "$SUITE/shared"
