@@ -403,10 +403,16 @@ def load_crops(path: Path, base: np.ndarray) -> np.ndarray:
 
 
 def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_steps: int, count: int | None,
-         batch: int | None = None) -> None:  # fmt: skip
+         batch: int | None = None, piece: int | None = None) -> None:  # fmt: skip
     """Dub the held-out clips (see CASES) into OUT/CASE.safetensors, up to `batch` chains per UNet call (default
     all), and on CUDA compare fp16 with fp32 sampling on the first 10 frames of 8 held-out clips (OUT/dubs.json,
-    with the timings)."""
+    with the timings).
+
+    `piece` clips at a time (default all), own and other speech together: each piece is kept in OUT/pieces-MODEL-STEPS-N
+    as it is done, and a second call skips the pieces there, so a CPU run of hours can stop and go on. A chain's
+    noise is seeded by its place in the call, so pieces draw other noise than one call would: other frames, as good.
+    `random_steps` 0 leaves out the random weights (`eval --dubs-only` does not use them)."""
+    import hashlib
     import time
 
     import torch
@@ -425,9 +431,6 @@ def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_step
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # fp32 weights (channels-last on a CPU, as dub); each dub's autocast is its own precision
     trained = sampling_model(build_model(read_weights(model_path)), device, "fp32")
-    torch.manual_seed(0)
-    random = sampling_model(UNet(trained.config).eval(), device, "fp32")
-    random.diffusion = trained.diffusion
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "frames": len(rows),
               "steps": steps or trained.diffusion.steps, "random_steps": random_steps, "batch": batch}  # fmt: skip
 
@@ -439,10 +442,30 @@ def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_step
         return crops
 
     # Own and other speech in the same UNet calls: the own half is what a run of its own gives (seeds are per chain).
-    both = timed("own+other", trained, pack, clips + clips, clips + partner, steps=steps)
-    save_crops(out / "own.safetensors", both[: len(rows)], box)
-    save_crops(out / "other.safetensors", both[len(rows) :], box)
-    save_crops(out / "random.safetensors", timed("random", random, pack, clips, clips, steps=random_steps), box)
+    # pieces of another model, number of steps or of clips (the last clip's partner is the first) are not reused
+    key, n = hashlib.sha256(model_path.read_bytes()).hexdigest()[:12], len(clips)
+    pieces, own, other, seconds = out / f"pieces-{key}-{report['steps']}-{n}", [], [], 0.0
+    pieces.mkdir(exist_ok=True)
+    piece = piece or n
+    for start in range(0, n, piece):
+        part, stop = clips[start : start + piece], min(start + piece, n)
+        done = pieces / f"own+other-{start}-{stop}.npz"
+        if not done.exists():
+            both = timed("own+other", trained, pack, part + part, part + partner[start:stop], steps=steps)
+            np.savez(done.with_suffix(".tmp.npz"), crops=both, seconds=report["own+other_seconds"])
+            done.with_suffix(".tmp.npz").rename(done)  # a piece is there whole or not at all
+        with np.load(done) as saved:
+            both, seconds = saved["crops"], seconds + float(saved["seconds"])
+        own.append(both[: len(both) // 2])
+        other.append(both[len(both) // 2 :])
+    report["own+other_seconds"] = seconds
+    save_crops(out / "own.safetensors", np.concatenate(own), box)
+    save_crops(out / "other.safetensors", np.concatenate(other), box)
+    if random_steps:
+        torch.manual_seed(0)
+        random = sampling_model(UNet(trained.config).eval(), device, "fp32")
+        random.diffusion = trained.diffusion
+        save_crops(out / "random.safetensors", timed("random", random, pack, clips, clips, steps=random_steps), box)
     if device.type == "cuda":
         half_, full = (timed(precision, trained, pack, clips[:8], clips[:8], limit=10, steps=steps,
                              precision=precision) for precision in ("fp16", "fp32"))  # fmt: skip
@@ -701,6 +724,7 @@ def main() -> None:
     p.add_argument("--random-steps", type=int, default=25, help="sampling steps of the random-weight model")
     p.add_argument("--clips", type=int, help="only the first N held-out clips (all 50 by default)")
     p.add_argument("--batch", type=int, help="chains per UNet call (default all: a GPU); 2 is fastest on a CPU")
+    p.add_argument("--piece", type=int, help="clips per piece, each kept as it is done (a CPU run that can resume)")
     p = sub.add_parser("chains")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, help="where chains.json goes (default: WORK/dubs)")
@@ -730,7 +754,7 @@ def main() -> None:
         evaluate_held_out(args.work, args.group, args.clips, args.dubs_only)
     elif args.stage == "dubs":
         out = args.out or args.work / "dubs"
-        dubs(args.work, args.model, out, args.steps, args.random_steps, args.clips, args.batch)
+        dubs(args.work, args.model, out, args.steps, args.random_steps, args.clips, args.batch, args.piece)
     elif args.stage == "chains":
         out = args.out or args.work / "dubs"
         chain_study(args.work, args.model, out, args.steps, args.clips, args.settings, args.batch)
