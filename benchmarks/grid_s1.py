@@ -448,12 +448,13 @@ def dubs(work: Path, model_path: Path, out: Path, steps: int | None, random_step
     pieces.mkdir(exist_ok=True)
     piece = piece or n
     for start in range(0, n, piece):
-        part, stop = clips[start : start + piece], min(start + piece, n)
-        done = pieces / f"own+other-{start}-{stop}.npz"
+        stop = min(start + piece, n)
+        part, done = clips[start:stop], pieces / f"own+other-{start}-{stop}.npz"
         if not done.exists():
             both = timed("own+other", trained, pack, part + part, part + partner[start:stop], steps=steps)
-            np.savez(done.with_suffix(".tmp.npz"), crops=both, seconds=report["own+other_seconds"])
-            done.with_suffix(".tmp.npz").rename(done)  # a piece is there whole or not at all
+            partial = done.with_suffix(".tmp.npz")
+            np.savez(partial, crops=both, seconds=report["own+other_seconds"])
+            partial.rename(done)  # a piece is there whole or not at all
         with np.load(done) as saved:
             both, seconds = saved["crops"], seconds + float(saved["seconds"])
         own.append(both[: len(both) // 2])
