@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu/run.sh compile          # sampler under torch.compile (minutes of compiling per batch size)
 #   bash benchmarks/gpu/run.sh cross            # cross-speaker dubs of .gpu/x, chain study on .gpu/w (reference model)
 #   bash benchmarks/gpu/run.sh control          # the shuffled-audio control, 2,500 steps on the whole s1 pack
+#   bash benchmarks/gpu/run.sh control-start    # the same detached, for the next commands to run beside it
 #   bash benchmarks/gpu/run.sh control-dubs     # its held-out dubs
 #   bash benchmarks/gpu/run.sh dub1080 [ARGS]   # benchmarks/dub.py --model full at 1080p, with and without CUDA graphs
 #   bash benchmarks/gpu/run.sh analysis1080     # benchmarks/dub.py (tiny model): the analysis in 1 and 8 threads
@@ -93,16 +94,48 @@ cross() {
 
 CONTROL=/tmp/talkedit-control  # on the GPU machine: the joined pack, the run, the model
 
-control() {
-  mkdir -p "$CONTROL"
-  [[ -f $CONTROL/grid-s1.pack ]] || join grid-s1.pack .gpu/p2 "$CONTROL/grid-s1.pack" || return 1
+# train_control MINUTES: the reference model's command with --shuffle-audio, stopping at a checkpoint before MINUTES;
+# a second call on the warm machine continues it.
+train_control() {
   local resume=()
   [[ -f $CONTROL/train/checkpoint.pt ]] && resume=(--resume)
-  # The reference model's command, with --shuffle-audio; stops at a checkpoint before 8.5 minutes, and a second
-  # `control` on the warm machine continues it.
   $PY -m talkedit.train "$CONTROL/grid-s1.pack" -o "$CONTROL/control.safetensors" --workdir "$CONTROL/train" \
     --arch "$ARCH" --prediction v --shuffle-audio --steps "$TRAIN_STEPS" --val-fraction 0.05005 --eval-every 500 \
-    --checkpoint-every 500 --log-every 100 --time-limit 8.5 "${resume[@]}" 2>&1 | grep -v validating
+    --checkpoint-every 500 --log-every 100 --time-limit "$1" "${resume[@]}" 2>&1 | grep -v validating
+}
+
+# control-start: the control's training detached, so that the next commands (the suite's parts: CPU-bound) run while
+# it trains; `control` then waits for it. Not before GPU timings (check, cross, dub1080): it shares the GPU.
+control_start() {
+  mkdir -p "$CONTROL"
+  local pid; pid=$(cat "$CONTROL/background.pid" 2>/dev/null)
+  if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then log "already training (pid $pid)"; return 0; fi
+  [[ -f $CONTROL/grid-s1.pack ]] || join grid-s1.pack .gpu/p2 "$CONTROL/grid-s1.pack" || return 1
+  OUT=$CONTROL/out setsid nohup bash benchmarks/gpu/run.sh control-train > "$CONTROL/background.log" 2>&1 < /dev/null &
+  echo $! > "$CONTROL/background.pid"  # the run writes its own pid too, in case setsid forked
+  log "training the control in the background (pid $!, log $CONTROL/background.log); 'control' collects it"
+}
+
+# control: the model, in fp16 parts, and the training metrics. Waits (up to 8.5 minutes) for a training that
+# control-start began; trains (or goes on training) itself otherwise, the background run having ended or been stopped.
+control() {
+  mkdir -p "$CONTROL"
+  local pid; pid=$(cat "$CONTROL/background.pid" 2>/dev/null)
+  if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+    log "waiting for the background training (pid $pid)"
+    local deadline=$((SECONDS + 510))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 5; done
+    tail -n 4 "$CONTROL/background.log"
+    if kill -0 "$pid" 2>/dev/null; then
+      log "still training in the background: run 'control' again while the machine is warm"
+      return 0
+    fi
+  fi
+  rm -f "$CONTROL/background.pid"
+  if [[ ! -f $CONTROL/control.safetensors ]]; then
+    [[ -f $CONTROL/grid-s1.pack ]] || join grid-s1.pack .gpu/p2 "$CONTROL/grid-s1.pack" || return 1
+    train_control 8.5
+  fi
   cp "$CONTROL/train/metrics.jsonl" "$OUT/control-metrics.jsonl"
   if [[ -f $CONTROL/control.safetensors ]]; then
     $PY benchmarks/grid_s1.py half --model "$CONTROL/control.safetensors" --out "$OUT/model"
@@ -179,10 +212,12 @@ suite() {
   $PY -m pytest -q -p no:cacheprovider -rfEs --durations 15 "$@"
 }
 
-stage=${1:?"a stage: check, compile, cross, control, control-dubs, dub1080, analysis1080, suite or park DIR..."}
+stage=${1:?"a stage: check, compile, cross, control(-start), control-dubs, dub1080, analysis1080, suite, park DIR..."}
 shift
 case $stage in
   park) park "$@" ;;
+  control-start) control_start 2>&1 | tee "$OUT/$stage.log" ;;
+  control-train) echo $$ > "$CONTROL/background.pid" && train_control 60 ;;  # control-start's run, detached
   check | compile | cross | control | dub1080 | analysis1080 | suite) $stage "$@" 2>&1 | tee "$OUT/$stage.log" ;;
   control-dubs) control_dubs 2>&1 | tee "$OUT/$stage.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
