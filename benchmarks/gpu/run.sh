@@ -111,9 +111,11 @@ control_start() {
   local pid; pid=$(cat "$CONTROL/background.pid" 2>/dev/null)
   if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then log "already training (pid $pid)"; return 0; fi
   [[ -f $CONTROL/grid-s1.pack ]] || join grid-s1.pack .gpu/p2 "$CONTROL/grid-s1.pack" || return 1
+  rm -f "$CONTROL/background.pid"  # the run writes its own (setsid's, where it forks, would be gone at once)
   OUT=$CONTROL/out setsid nohup bash benchmarks/gpu/run.sh control-train > "$CONTROL/background.log" 2>&1 < /dev/null &
-  echo $! > "$CONTROL/background.pid"  # the run writes its own pid too, in case setsid forked
-  log "training the control in the background (pid $!, log $CONTROL/background.log); 'control' collects it"
+  for _ in {1..50}; do [[ -s $CONTROL/background.pid ]] && break; sleep 0.1; done
+  log "training the control in the background (pid $(cat "$CONTROL/background.pid"), log $CONTROL/background.log);" \
+    "'control' collects it"
 }
 
 # control: the model, in fp16 parts, and the training metrics. Waits (up to 8.5 minutes) for a training that
