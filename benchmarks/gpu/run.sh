@@ -104,13 +104,24 @@ train_control() {
     --checkpoint-every 500 --log-every 100 --time-limit "$1" "${resume[@]}" 2>&1 | grep -v validating
 }
 
+# control_pack: the whole s1 pack, joined once per warm machine from the parked part and the carried .gpu/p2.
+control_pack() {
+  [[ -f $CONTROL/grid-s1.pack ]] || join grid-s1.pack .gpu/p2 "$CONTROL/grid-s1.pack"
+}
+
+# background_pid: the pid of control-start's training while it runs; nothing otherwise.
+background_pid() {
+  local pid; pid=$(cat "$CONTROL/background.pid" 2>/dev/null)
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
 # control-start: the control's training detached, so that the next commands (the suite's parts: CPU-bound) run while
 # it trains; `control` then waits for it. Not before GPU timings (check, cross, dub1080): it shares the GPU.
 control_start() {
   mkdir -p "$CONTROL"
-  local pid; pid=$(cat "$CONTROL/background.pid" 2>/dev/null)
-  if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then log "already training (pid $pid)"; return 0; fi
-  [[ -f $CONTROL/grid-s1.pack ]] || join grid-s1.pack .gpu/p2 "$CONTROL/grid-s1.pack" || return 1
+  local pid; pid=$(background_pid)
+  if [[ -n $pid ]]; then log "already training (pid $pid)"; return 0; fi
+  control_pack || return 1
   rm -f "$CONTROL/background.pid"  # the run writes its own (setsid's, where it forks, would be gone at once)
   OUT=$CONTROL/out setsid nohup bash benchmarks/gpu/run.sh control-train > "$CONTROL/background.log" 2>&1 < /dev/null &
   for _ in {1..50}; do [[ -s $CONTROL/background.pid ]] && break; sleep 0.1; done
@@ -122,8 +133,8 @@ control_start() {
 # control-start began; trains (or goes on training) itself otherwise, the background run having ended or been stopped.
 control() {
   mkdir -p "$CONTROL"
-  local pid; pid=$(cat "$CONTROL/background.pid" 2>/dev/null)
-  if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+  local pid; pid=$(background_pid)
+  if [[ -n $pid ]]; then
     log "waiting for the background training (pid $pid)"
     local deadline=$((SECONDS + 510))
     while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 5; done
@@ -135,7 +146,7 @@ control() {
   fi
   rm -f "$CONTROL/background.pid"
   if [[ ! -f $CONTROL/control.safetensors ]]; then
-    [[ -f $CONTROL/grid-s1.pack ]] || join grid-s1.pack .gpu/p2 "$CONTROL/grid-s1.pack" || return 1
+    control_pack || return 1
     train_control 8.5
   fi
   cp "$CONTROL/train/metrics.jsonl" "$OUT/control-metrics.jsonl"
