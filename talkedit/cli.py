@@ -657,6 +657,10 @@ def eval_(
         Optional[int],  # noqa: UP045
         typer.Option(min=1, help="With --holdout: fine-tune on the clip's head for this many steps first."),
     ] = None,
+    train_batch: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="With --train-steps: the fine-tune's batch (default 32: ~16 GB on a CPU; 4: ~3 GB)."),
+    ] = None,
     tail: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(min=0.1, help="With --holdout: seconds held out at the end (default: 40 %, at least 2 s)."),
@@ -714,14 +718,18 @@ def eval_(
         from .media import check_image_path
 
         check_image_path(report, *(p for p in (video, speech, reference, holdout) if p is not None))
+    if train_batch is not None and train_steps is None:
+        raise TalkeditError("--train-batch sets the fine-tune of --holdout --train-steps N: give --train-steps too.")
     offline_flag = offline or None
     with StageProgress(quiet) as progress:
         if holdout is not None:
             from .holdout import HoldoutOptions
             from .holdout import holdout as run_holdout
+            from .train import TrainOptions
 
             options = HoldoutOptions(
                 model=model, tail_seconds=tail, train_steps=train_steps,
+                train=TrainOptions(batch=train_batch) if train_batch else None,
                 unrelated=str(unrelated) if unrelated else None,
                 steps=steps, device=device, syncnet=str(syncnet) if syncnet else None, face=face,
                 analysis_dir=str(analysis_dir) if analysis_dir else None, offline=offline_flag,

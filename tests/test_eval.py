@@ -192,19 +192,27 @@ def test_holdout_checks_its_model_first_and_takes_an_official_checkpoint_only_to
 
 
 def test_holdout_fine_tunes_on_the_head_when_asked(talkedit_home, tmp_path):
-    from talkedit.train import TrainOptions
     from talkedit.weights import read_weights
 
     clip = media("hdtf_WDA_AOC_female_512_25fps_mpeg4.mp4")
-    quick = TrainOptions(batch=2, eval_samples=4, strip_frames=0)  # the settings `--train-steps` leaves at defaults
-    options = HoldoutOptions(model=str(talkedit_home[1]), train_steps=2, train=quick, tail_seconds=2.0,
-                             workdir=str(tmp_path), offline=True)  # fmt: skip
-    result = holdout(clip, options)
+    quick = ["--train-steps", "2", "--train-batch", "2", "--tail", "2"]
+    done = run_talkedit("eval", "--holdout", str(clip), "--model", str(talkedit_home[1]), *quick,
+                        "--workdir", str(tmp_path), "--offline", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
     tuned = tmp_path / "finetuned.safetensors"
-    assert result.model == str(tuned) and result.head_frames == 150 and result.tail_frames == 50
+    assert result["model"] == str(tuned) and result["head_frames"] == 150 and result["tail_frames"] == 50
     provenance = read_weights(tuned).provenance
-    assert provenance["steps"] == 2, provenance  # trained on the head: the dubs used the fine-tuned model
-    assert result.cases["original"].reference.psnr == math.inf
+    assert provenance["steps"] == 2 and provenance["batch"] == 2, provenance  # the dubs used the fine-tuned model
+    assert result["cases"]["original"]["reference"]["psnr"] == "inf"  # the tail against itself
+
+
+def test_train_batch_needs_train_steps(talkedit_home):
+    done = run_talkedit("eval", "--holdout", str(media(LONG)), "--train-batch", "4", "--offline")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [
+        "error: --train-batch sets the fine-tune of --holdout --train-steps N: give --train-steps too."
+    ]
 
 
 def test_chain_jump_is_the_mouths_change_at_chain_starts_over_its_change_elsewhere():
