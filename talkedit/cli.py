@@ -564,7 +564,9 @@ def train(
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet.")] = False,
     channels_last: Annotated[
         Optional[bool],  # noqa: UP045
-        typer.Option("--channels-last/--no-channels-last", help="Channels-last memory format (default: on a CPU)."),
+        typer.Option(
+            "--channels-last/--no-channels-last", help="Channels-last memory format (default: on a CPU in bf16)."
+        ),
     ] = None,
     face: FaceOption = None,
     analysis_dir: AnalysisDirOption = None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -42,6 +43,8 @@ from .pack import Pack, Split
 from .samples import Batches, TrainingData, seeded_rng, torch_seed
 from .unet import UNet, UNetConfig
 from .validation import masked_error, sample_strip, validation_error
+
+log = logging.getLogger("talkedit")
 
 CHECKPOINT_FORMAT = "talkedit-train"
 CHECKPOINT_VERSION = 1
@@ -111,7 +114,7 @@ class TrainOptions:
     device: str | None = None  # default: CUDA when available (the local rank's GPU under torchrun)
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA and on a CPU with AMX, else fp32), "bf16" or "fp32"
     compile: bool = False  # torch.compile the UNet
-    channels_last: bool | None = None  # channels-last memory format; None: on a CPU yes, on CUDA no (see README)
+    channels_last: bool | None = None  # channels-last memory format; None: on a CPU in bf16 yes, else no (README)
     eval_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 10
@@ -245,18 +248,51 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 256 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
-def room_to_keep_freed_memory(batch: int, meminfo: str | os.PathLike = "/proc/meminfo") -> bool:
+def available_memory(meminfo: str | os.PathLike = "/proc/meminfo") -> int | None:
+    """Bytes of memory the kernel says are available to a new allocation (MemAvailable); None where it does not say."""
+    try:
+        with open(meminfo) as f:
+            return 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def room_to_keep_freed_memory(batch: int, available: int | None) -> bool:
     """Whether there is memory for what keep_freed_memory costs: a run that fits without it must not be pushed out of
     memory by it. With it the paper's UNet took 16.5 GB at the peak at batch 32 (13.0 without) and 2.7 GB at batch 4
     (the same without) in benchmarks/train.py; the GRID s1 run peaked at 23.0 GB in all (18.6 without), of which
     about 4.7 GB were in use when its trainer started. So it is used where 0.6 GB per sample and 1.5 GB more are
-    available when the trainer starts (the pack is loaded by then)."""
-    try:
-        with open(meminfo) as f:
-            available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return False
-    return available_kib * 1024 >= 0.6e9 * batch + 1.5e9
+    `available` (bytes) when the trainer starts (the pack is loaded by then)."""
+    return available is not None and available >= 0.6e9 * batch + 1.5e9
+
+
+# Peak memory of a training step on a CPU in MiB, from benchmarks/train.py's peak RSS (README "Memory of training on a
+# CPU"): (fixed, per sample with keep_freed_memory, per sample without), by architecture and autocast. The paper's UNet
+# in fp32 on the 2-core AMD EPYC, in bf16 on the Xeon with AMX; the small one in fp32 on the EPYC (bf16: taken as fp32).
+CPU_STEP_MIB = {
+    ("dve", "fp32"): (700, 690, 500),
+    ("dve", "bf16"): (1200, 490, 370),
+    ("small", "fp32"): (400, 160, 125),
+}
+
+
+def cpu_memory_warning(config: UNetConfig, bf16: bool, batch: int, processes: int, kept: bool,
+                       available: int | None) -> str | None:  # fmt: skip
+    """What to tell the user when a CPU run at this global `batch` will likely not fit in the `available` bytes:
+    the system kills such a run for memory without a word (one of the GRID s1 control's processes, after hours).
+    None where it fits, or for an architecture with no measured figures. `processes` share the machine's memory."""
+    arch = next((name for name, c in ARCHITECTURES.items() if replace(c, dropout=config.dropout) == config), None)
+    if arch is None or available is None:
+        return None
+    fixed, per_kept, per_freed = CPU_STEP_MIB.get((arch, "bf16" if bf16 else "fp32"), CPU_STEP_MIB[(arch, "fp32")])
+    per = per_kept if kept else per_freed
+    need = (fixed * processes + per * batch) * 2**20
+    if need <= available:
+        return None
+    fits = int((available / 2**20 - fixed * processes) // per) // processes * processes
+    advice = f"--batch {fits} fits" if fits >= 1 else "even --batch 1 may not: close other programs or use a GPU"
+    return (f"training at --batch {batch} on this CPU takes about {need / 1e9:.1f} GB at its peak and "
+            f"{available / 1e9:.1f} GB is available: the system may stop it for memory. {advice}.")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,10 +395,12 @@ class Trainer:
             )
         self.local_batch = options.batch // self.processes.world
         self.autocast = _autocast_dtype(options.precision, self.device)
-        self.channels_last = self.device.type == "cpu" if options.channels_last is None else options.channels_last
+        # Channels-last pays on a CPU in bf16 (oneDNN); in fp32 it was no faster on a Xeon, 10-22 % slower on an EPYC.
+        default_layout = self.device.type == "cpu" and self.autocast is not None
+        self.channels_last = default_layout if options.channels_last is None else options.channels_last
         # The global batch: torchrun's CPU processes usually share one machine's memory.
-        if self.device.type == "cpu" and room_to_keep_freed_memory(options.batch):
-            keep_freed_memory()
+        available = available_memory() if self.device.type == "cpu" else None
+        kept = self.device.type == "cpu" and room_to_keep_freed_memory(options.batch, available) and keep_freed_memory()
 
         # The model: from weights (fine-tuning) or new.
         self.init_provenance: dict = {"from": "scratch"}
@@ -384,6 +422,11 @@ class Trainer:
             self.model = _with_dropout(self.model, options.dropout)
         self.config = self.model.config
         _check_model_fits_pack(self.config, pack)
+        if self.device.type == "cpu" and self.processes.rank == 0:
+            warning = cpu_memory_warning(self.config, self.autocast is not None, options.batch, self.processes.world,
+                                         kept, available)  # fmt: skip
+            if warning:
+                log.warning("%s", warning)
         self.fine_tune = options.init is not None
         given = options.steps
         self._set_steps(given if given is not None else default_steps(len(split.train), options.batch, self.fine_tune))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -191,9 +192,12 @@ def test_auto_precision_is_bf16_on_cuda_and_on_a_cpu_with_bf16_matrix_units(monk
         _autocast_dtype("fp16", cpu)
 
 
-@pytest.mark.parametrize("channels_last", [None, False])
-def test_on_a_cpu_training_runs_the_unet_in_channels_last_unless_told_not_to(two_clips, tmp_path, monkeypatch,
-                                                                             channels_last):  # fmt: skip
+@pytest.mark.parametrize(
+    "precision, channels_last, expected",
+    [("bf16", None, True), ("fp32", None, False), ("fp32", True, True), ("bf16", False, False)],
+)  # fmt: skip
+def test_a_cpu_trains_in_channels_last_in_bf16_or_when_told(two_clips, tmp_path, monkeypatch, precision,
+                                                             channels_last, expected):  # fmt: skip
     from talkedit.unet import UNet
 
     seen = []
@@ -207,9 +211,9 @@ def test_on_a_cpu_training_runs_the_unet_in_channels_last_unless_told_not_to(two
         return forward(self, x, *args, **kwargs)
 
     monkeypatch.setattr(UNet, "forward", spy)
-    options = TrainOptions(steps=2, batch=2, arch=TEST_ARCH, eval_every=0, channels_last=channels_last, device="cpu")
+    options = TrainOptions(steps=2, batch=2, arch=TEST_ARCH, eval_every=0, channels_last=channels_last, device="cpu",
+                           precision=precision)  # fmt: skip
     train([two_clips], tmp_path / "m.safetensors", options)
-    expected = channels_last is None  # the default: on a CPU, yes
     assert seen and set(seen) == {(expected, expected)}, seen
 
 
@@ -471,15 +475,48 @@ def test_training_on_a_cpu_keeps_large_freed_buffers_instead_of_faulting_them_in
 
 
 def test_freed_memory_is_kept_only_where_there_is_room_for_it(tmp_path):
-    from talkedit.train import room_to_keep_freed_memory
+    from talkedit.train import available_memory, room_to_keep_freed_memory
 
     meminfo = tmp_path / "meminfo"
     for available_gib, batch, room in ((20, 32, True), (18, 32, False), (16, 24, True), (3, 2, True), (2, 2, False)):
         meminfo.write_text(f"MemTotal:       32000000 kB\nMemAvailable:   {available_gib << 20} kB\n")
-        assert room_to_keep_freed_memory(batch, meminfo) is room, (available_gib, batch)
+        assert available_memory(meminfo) == available_gib << 30
+        assert room_to_keep_freed_memory(batch, available_memory(meminfo)) is room, (available_gib, batch)
     meminfo.write_text("MemTotal:       32000000 kB\n")  # no MemAvailable (kernels before 3.14)
-    assert room_to_keep_freed_memory(1, meminfo) is False
-    assert room_to_keep_freed_memory(1, tmp_path / "absent") is False
+    assert available_memory(meminfo) is None and room_to_keep_freed_memory(1, None) is False
+    assert available_memory(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_cpu_run_that_will_not_fit_in_memory_is_told_the_batch_that_does(processes):
+    from talkedit.train import cpu_memory_warning
+
+    dve = UNetConfig(dropout=0.0)  # the paper's UNet, whatever its dropout
+    available = 16 * 10**9
+    warning = cpu_memory_warning(dve, False, 32, processes, True, available)
+    assert warning and "--batch 32" in warning and "16.0 GB is available" in warning, warning
+    fits = int(re.search(r"--batch (\d+) fits", warning).group(1))
+    assert 4 <= fits < 32 and fits % processes == 0, warning
+    assert cpu_memory_warning(dve, False, fits, processes, True, available) is None
+    assert cpu_memory_warning(dve, False, fits + processes, processes, True, available) is not None
+    # Without freed memory kept, and in bf16, a sample takes less: more fits.
+    for less in (cpu_memory_warning(dve, False, 32, processes, False, available),
+                 cpu_memory_warning(dve, True, 32, processes, True, available)):  # fmt: skip
+        assert less is None or int(re.search(r"--batch (\d+) fits", less).group(1)) > fits, less
+    assert "even --batch 1" in cpu_memory_warning(dve, False, 4, processes, True, 10**8)
+    assert cpu_memory_warning(SMALL, False, 32, processes, True, available) is None  # a small UNet fits
+    assert cpu_memory_warning(replace(SMALL, base_channels=64), False, 32, processes, True, 10**8) is None  # unmeasured
+    assert cpu_memory_warning(dve, False, 32, processes, True, None) is None  # the kernel does not say
+
+
+def test_a_cpu_trainer_warns_when_the_batch_will_not_fit(two_clips, tmp_path, monkeypatch, caplog):
+    from talkedit import train as train_module
+
+    monkeypatch.setattr(train_module, "available_memory", lambda: 3 * 10**8)
+    pack = read_pack(two_clips)
+    with caplog.at_level("WARNING", logger="talkedit"):
+        Trainer(pack, split_pack(pack), tmp_path / "m.safetensors", TrainOptions(batch=4, arch=SMALL, device="cpu"))
+    assert any("training at --batch 4 on this CPU" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_a_run_leaves_the_process_group_it_created_and_only_that(two_clips, tmp_path, monkeypatch):
@@ -524,11 +561,14 @@ def test_a_cpu_trainer_keeps_freed_memory_where_there_is_room(room, two_clips, t
     from talkedit import train as train_module
 
     asked, kept = [], []
-    monkeypatch.setattr(train_module, "room_to_keep_freed_memory", lambda batch: asked.append(batch) or room)
+    monkeypatch.setattr(train_module, "available_memory", lambda: 12345)
+    monkeypatch.setattr(
+        train_module, "room_to_keep_freed_memory", lambda batch, available: asked.append((batch, available)) or room
+    )
     monkeypatch.setattr(train_module, "keep_freed_memory", lambda: kept.append(True) or True)
     pack = read_pack(two_clips)
     Trainer(pack, split_pack(pack), tmp_path / "m.safetensors", TrainOptions(batch=4, arch=SMALL, device="cpu"))
-    assert asked == [4]
+    assert asked == [(4, 12345)]
     assert kept == ([True] if room else [])
 
 
