@@ -661,7 +661,9 @@ def eval_(
     ] = None,
     train_batch: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(min=1, help="With --train-steps: the fine-tune's batch (default 32: ~16 GB on a CPU; 4: ~3 GB)."),
+        typer.Option(
+            min=1, help="With --train-steps: the fine-tune's batch (default 32: 16-24 GB on a CPU; 4: ~3 GB)."
+        ),
     ] = None,
     tail: Annotated[
         Optional[float],  # noqa: UP045

@@ -266,9 +266,10 @@ def room_to_keep_freed_memory(batch: int, available: int | None) -> bool:
     return available is not None and available >= 0.6e9 * batch + 1.5e9
 
 
-# Peak memory of a training step on a CPU in MiB, from benchmarks/train.py's peak RSS (README "Memory of training on a
-# CPU"): (fixed, per sample with keep_freed_memory, per sample without), by architecture and autocast. The paper's UNet
-# in fp32 on the 2-core AMD EPYC, in bf16 on the Xeon with AMX; the small one in fp32 on the EPYC (bf16: taken as fp32).
+# Peak memory of a training step on a CPU in MiB, from benchmarks/train.py's peak RSS (README "Memory and layout of
+# training on a CPU"): (fixed, per sample with keep_freed_memory, per sample without), by architecture and autocast. The
+# paper's UNet in fp32 on the 2-core AMD EPYC, in bf16 on the Xeon with AMX; the small one in fp32 on the EPYC (bf16:
+# taken as fp32).
 CPU_STEP_MIB = {
     ("dve", "fp32"): (700, 690, 500),
     ("dve", "bf16"): (1200, 490, 370),
