@@ -257,13 +257,16 @@ def available_memory(meminfo: str | os.PathLike = "/proc/meminfo") -> int | None
         return None
 
 
-def room_to_keep_freed_memory(batch: int, available: int | None) -> bool:
+def room_to_keep_freed_memory(batch: int, available: int | None, need: int | None = None) -> bool:
     """Whether there is memory for what keep_freed_memory costs: a run that fits without it must not be pushed out of
-    memory by it. With it the paper's UNet took 16.5 GB at the peak at batch 32 (13.0 without) and 2.7 GB at batch 4
-    (the same without) in benchmarks/train.py; the GRID s1 run peaked at 23.0 GB in all (18.6 without), of which
-    about 4.7 GB were in use when its trainer started. So it is used where 0.6 GB per sample and 1.5 GB more are
-    `available` (bytes) when the trainer starts (the pack is loaded by then)."""
-    return available is not None and available >= 0.6e9 * batch + 1.5e9
+    memory by it. `available`: bytes free when the trainer starts (the pack is loaded by then). `need`: the step's
+    estimated peak with it (step_memory), where the architecture's figures were measured; else the rule from the
+    paper's UNet in bf16, which took 16.5 GB at the peak at batch 32 with it (13.0 without) and 2.7 GB at batch 4 (the
+    same without) in benchmarks/train.py, and whose GRID s1 run peaked at 23.0 GB in all (18.6 without), with about
+    4.7 GB in use when its trainer started: 0.6 GB per sample and 1.5 GB more."""
+    if available is None:
+        return False
+    return available >= (need if need is not None else 0.6e9 * batch + 1.5e9)
 
 
 # Peak memory of a training step on a CPU in MiB, from benchmarks/train.py's peak RSS (README "Memory and layout of
@@ -277,20 +280,26 @@ CPU_STEP_MIB = {
 }
 
 
+def step_memory(config: UNetConfig, bf16: bool, batch: int, processes: int, kept: bool) -> int | None:
+    """Estimated peak bytes of a CPU training step at this global `batch` over `processes` sharing the machine, with
+    or without freed memory kept; None for an architecture with no measured figures (CPU_STEP_MIB)."""
+    arch = next((name for name, c in ARCHITECTURES.items() if replace(c, dropout=config.dropout) == config), None)
+    if arch is None:
+        return None
+    fixed, per_kept, per_freed = CPU_STEP_MIB.get((arch, "bf16" if bf16 else "fp32"), CPU_STEP_MIB[(arch, "fp32")])
+    return (fixed * processes + (per_kept if kept else per_freed) * batch) * 2**20
+
+
 def cpu_memory_warning(config: UNetConfig, bf16: bool, batch: int, processes: int, kept: bool,
                        available: int | None) -> str | None:  # fmt: skip
     """What to tell the user when a CPU run at this global `batch` will likely not fit in the `available` bytes:
     the system kills such a run for memory without a word (one of the GRID s1 control's processes, after hours).
-    None where it fits, or for an architecture with no measured figures. `processes` share the machine's memory."""
-    arch = next((name for name, c in ARCHITECTURES.items() if replace(c, dropout=config.dropout) == config), None)
-    if arch is None or available is None:
+    None where it fits, or for an architecture with no measured figures."""
+    need = step_memory(config, bf16, batch, processes, kept)
+    if need is None or available is None or need <= available:
         return None
-    fixed, per_kept, per_freed = CPU_STEP_MIB.get((arch, "bf16" if bf16 else "fp32"), CPU_STEP_MIB[(arch, "fp32")])
-    per = per_kept if kept else per_freed
-    need = (fixed * processes + per * batch) * 2**20
-    if need <= available:
-        return None
-    fits = int((available / 2**20 - fixed * processes) // per) // processes * processes
+    one, two = step_memory(config, bf16, 1, processes, kept), step_memory(config, bf16, 2, processes, kept)
+    fits = int((available - one) // (two - one) + 1) // processes * processes
     advice = f"--batch {fits} fits" if fits >= 1 else "even --batch 1 may not: close other programs or use a GPU"
     return (f"training at --batch {batch} on this CPU takes about {need / 1e9:.1f} GB at its peak and "
             f"{available / 1e9:.1f} GB is available: the system may stop it for memory. {advice}.")  # fmt: skip
@@ -399,9 +408,7 @@ class Trainer:
         # Channels-last pays on a CPU in bf16 (oneDNN); in fp32 it was no faster on a Xeon, 10-22 % slower on an EPYC.
         default_layout = self.device.type == "cpu" and self.autocast is not None
         self.channels_last = default_layout if options.channels_last is None else options.channels_last
-        # The global batch: torchrun's CPU processes usually share one machine's memory.
-        available = available_memory() if self.device.type == "cpu" else None
-        kept = self.device.type == "cpu" and room_to_keep_freed_memory(options.batch, available) and keep_freed_memory()
+        available = available_memory() if self.device.type == "cpu" else None  # before the model takes its share
 
         # The model: from weights (fine-tuning) or new.
         self.init_provenance: dict = {"from": "scratch"}
@@ -423,10 +430,13 @@ class Trainer:
             self.model = _with_dropout(self.model, options.dropout)
         self.config = self.model.config
         _check_model_fits_pack(self.config, pack)
-        if self.device.type == "cpu" and self.processes.rank == 0:
-            warning = cpu_memory_warning(self.config, self.autocast is not None, options.batch, self.processes.world,
-                                         kept, available)  # fmt: skip
-            if warning:
+        if self.device.type == "cpu":
+            # The global batch and all processes: torchrun's CPU processes usually share one machine's memory.
+            bf16, world = self.autocast is not None, self.processes.world
+            need = step_memory(self.config, bf16, options.batch, world, kept=True)
+            kept = room_to_keep_freed_memory(options.batch, available, need) and keep_freed_memory()
+            warning = cpu_memory_warning(self.config, bf16, options.batch, world, kept, available)
+            if warning and self.processes.rank == 0:
                 log.warning("%s", warning)
         self.fine_tune = options.init is not None
         given = options.steps

@@ -482,6 +482,9 @@ def test_freed_memory_is_kept_only_where_there_is_room_for_it(tmp_path):
         meminfo.write_text(f"MemTotal:       32000000 kB\nMemAvailable:   {available_gib << 20} kB\n")
         assert available_memory(meminfo) == available_gib << 30
         assert room_to_keep_freed_memory(batch, available_memory(meminfo)) is room, (available_gib, batch)
+    # Where the step's peak with it was measured, that decides: it must fit.
+    assert room_to_keep_freed_memory(32, 20 << 30, need=(20 << 30) + 1) is False
+    assert room_to_keep_freed_memory(32, 18 << 30, need=18 << 30) is True
     meminfo.write_text("MemTotal:       32000000 kB\n")  # no MemAvailable (kernels before 3.14)
     assert available_memory(meminfo) is None and room_to_keep_freed_memory(1, None) is False
     assert available_memory(tmp_path / "absent") is None
@@ -559,16 +562,19 @@ def test_trainer_refuses_a_batch_that_does_not_split_over_the_processes(two_clip
 @pytest.mark.parametrize("room", [True, False])
 def test_a_cpu_trainer_keeps_freed_memory_where_there_is_room(room, two_clips, tmp_path, monkeypatch):
     from talkedit import train as train_module
+    from talkedit.train import step_memory
 
     asked, kept = [], []
     monkeypatch.setattr(train_module, "available_memory", lambda: 12345)
     monkeypatch.setattr(
-        train_module, "room_to_keep_freed_memory", lambda batch, available: asked.append((batch, available)) or room
+        train_module,
+        "room_to_keep_freed_memory",
+        lambda batch, available, need: asked.append((batch, available, need)) or room,
     )
     monkeypatch.setattr(train_module, "keep_freed_memory", lambda: kept.append(True) or True)
     pack = read_pack(two_clips)
     Trainer(pack, split_pack(pack), tmp_path / "m.safetensors", TrainOptions(batch=4, arch=SMALL, device="cpu"))
-    assert asked == [(4, 12345)]
+    assert asked == [(4, 12345, step_memory(SMALL, False, 4, 1, kept=True))]  # the small UNet's measured need
     assert kept == ([True] if room else [])
 
 
