@@ -270,35 +270,55 @@ def room_to_keep_freed_memory(batch: int, available: int | None, need: int | Non
 
 
 # Peak memory of a training step on a CPU in MiB, from benchmarks/train.py's peak RSS (README "Memory and layout of
-# training on a CPU"): (fixed, per sample with keep_freed_memory, per sample without), by architecture and autocast. The
-# paper's UNet in fp32 on the 2-core AMD EPYC, in bf16 on the Xeon with AMX; the small one in fp32 on the EPYC (bf16:
-# taken as fp32).
+# training on a CPU"): (fixed, per sample with keep_freed_memory, per sample without), by architecture and how the CPU
+# computes (cpu_precision). fp32 and emulated bf16 measured on the 2-core AMD EPYC, bf16 on the Xeon with AMX. Emulated
+# bf16 takes more than AMX's: its own row.
 CPU_STEP_MIB = {
     ("dve", "fp32"): (700, 690, 500),
     ("dve", "bf16"): (1200, 490, 370),
+    ("dve", "bf16-emulated"): (1000, 660, 360),
     ("small", "fp32"): (400, 160, 125),
+    ("small", "bf16-emulated"): (380, 250, 95),
 }
 
 
-def step_memory(config: UNetConfig, bf16: bool, batch: int, processes: int, kept: bool) -> int | None:
+def cpu_precision(autocast: torch.dtype | None) -> str:
+    """How a training step computes on this CPU: "fp32", "bf16" (in hardware: AMX) or "bf16-emulated" (other CPUs,
+    many times slower than fp32: on the 2-core AMD EPYC the paper's UNet trained at 0.040 to 0.045 samples/s in bf16
+    against 0.58 to 0.59 in fp32, the small one at 0.46 to 0.60 against 3.9 to 6.0)."""
+    from . import diffusion
+
+    if autocast is None:
+        return "fp32"
+    return "bf16" if diffusion.cpu_has_bf16_matrix_units() else "bf16-emulated"
+
+
+SLOW_CPU_BF16 = (
+    "this CPU has no bf16 matrix units (AMX): training in bf16 runs, but many times slower than in fp32 (8 to 15 "
+    "times on an AMD EPYC); leave out --precision (auto) or give --precision fp32."
+)
+
+
+def step_memory(config: UNetConfig, precision: str, batch: int, processes: int, kept: bool) -> int | None:
     """Estimated peak bytes of a CPU training step at this global `batch` over `processes` sharing the machine, with
-    or without freed memory kept; None for an architecture with no measured figures (CPU_STEP_MIB)."""
+    or without freed memory kept; `precision` as cpu_precision says. None where no figures were measured for the
+    architecture in that precision (CPU_STEP_MIB)."""
     arch = next((name for name, c in ARCHITECTURES.items() if replace(c, dropout=config.dropout) == config), None)
-    if arch is None:
+    if (arch, precision) not in CPU_STEP_MIB:
         return None
-    fixed, per_kept, per_freed = CPU_STEP_MIB.get((arch, "bf16" if bf16 else "fp32"), CPU_STEP_MIB[(arch, "fp32")])
+    fixed, per_kept, per_freed = CPU_STEP_MIB[(arch, precision)]
     return (fixed * processes + (per_kept if kept else per_freed) * batch) * 2**20
 
 
-def cpu_memory_warning(config: UNetConfig, bf16: bool, batch: int, processes: int, kept: bool,
+def cpu_memory_warning(config: UNetConfig, precision: str, batch: int, processes: int, kept: bool,
                        available: int | None) -> str | None:  # fmt: skip
     """What to tell the user when a CPU run at this global `batch` will likely not fit in the `available` bytes:
     the system kills such a run for memory without a word (one of the GRID s1 control's processes, after hours).
-    None where it fits, or for an architecture with no measured figures."""
-    need = step_memory(config, bf16, batch, processes, kept)
+    None where it fits, or where no figures were measured."""
+    need = step_memory(config, precision, batch, processes, kept)
     if need is None or available is None or need <= available:
         return None
-    one, two = step_memory(config, bf16, 1, processes, kept), step_memory(config, bf16, 2, processes, kept)
+    one, two = step_memory(config, precision, 1, processes, kept), step_memory(config, precision, 2, processes, kept)
     fits = int((available - one) // (two - one) + 1) // processes * processes
     advice = f"--batch {fits} fits" if fits >= 1 else "even --batch 1 may not: close other programs or use a GPU"
     return (f"training at --batch {batch} on this CPU takes about {need / 1e9:.1f} GB at its peak and "
@@ -405,6 +425,9 @@ class Trainer:
             )
         self.local_batch = options.batch // self.processes.world
         self.autocast = _autocast_dtype(options.precision, self.device)
+        precision = cpu_precision(self.autocast) if self.device.type == "cpu" else None
+        if precision == "bf16-emulated" and self.processes.rank == 0:
+            log.warning("%s", SLOW_CPU_BF16)
         # Channels-last pays on a CPU in bf16 (oneDNN); in fp32 it was no faster on a Xeon, 10-22 % slower on an EPYC.
         default_layout = self.device.type == "cpu" and self.autocast is not None
         self.channels_last = default_layout if options.channels_last is None else options.channels_last
@@ -432,10 +455,10 @@ class Trainer:
         _check_model_fits_pack(self.config, pack)
         if self.device.type == "cpu":
             # The global batch and all processes: torchrun's CPU processes usually share one machine's memory.
-            bf16, world = self.autocast is not None, self.processes.world
-            need = step_memory(self.config, bf16, options.batch, world, kept=True)
+            world = self.processes.world
+            need = step_memory(self.config, precision, options.batch, world, kept=True)
             kept = room_to_keep_freed_memory(options.batch, available, need) and keep_freed_memory()
-            warning = cpu_memory_warning(self.config, bf16, options.batch, world, kept, available)
+            warning = cpu_memory_warning(self.config, precision, options.batch, world, kept, available)
             if warning and self.processes.rank == 0:
                 log.warning("%s", warning)
         self.fine_tune = options.init is not None

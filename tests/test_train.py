@@ -496,20 +496,29 @@ def test_a_cpu_run_that_will_not_fit_in_memory_is_told_the_batch_that_does(proce
 
     dve = UNetConfig(dropout=0.0)  # the paper's UNet, whatever its dropout
     available = 16 * 10**9
-    warning = cpu_memory_warning(dve, False, 32, processes, True, available)
+    warning = cpu_memory_warning(dve, "fp32", 32, processes, True, available)
     assert warning and "--batch 32" in warning and "16.0 GB is available" in warning, warning
-    fits = int(re.search(r"--batch (\d+) fits", warning).group(1))
+
+    def fits_in(warning: str) -> int:
+        return int(re.search(r"--batch (\d+) fits", warning).group(1))
+
+    fits = fits_in(warning)
     assert 4 <= fits < 32 and fits % processes == 0, warning
-    assert cpu_memory_warning(dve, False, fits, processes, True, available) is None
-    assert cpu_memory_warning(dve, False, fits + processes, processes, True, available) is not None
+    assert cpu_memory_warning(dve, "fp32", fits, processes, True, available) is None
+    assert cpu_memory_warning(dve, "fp32", fits + processes, processes, True, available) is not None
     # Without freed memory kept, and in bf16, a sample takes less: more fits.
-    for less in (cpu_memory_warning(dve, False, 32, processes, False, available),
-                 cpu_memory_warning(dve, True, 32, processes, True, available)):  # fmt: skip
-        assert less is None or int(re.search(r"--batch (\d+) fits", less).group(1)) > fits, less
-    assert "even --batch 1" in cpu_memory_warning(dve, False, 4, processes, True, 10**8)
-    assert cpu_memory_warning(SMALL, False, 32, processes, True, available) is None  # a small UNet fits
-    assert cpu_memory_warning(replace(SMALL, base_channels=64), False, 32, processes, True, 10**8) is None  # unmeasured
-    assert cpu_memory_warning(dve, False, 32, processes, True, None) is None  # the kernel does not say
+    for less in (cpu_memory_warning(dve, "fp32", 32, processes, False, available),
+                 cpu_memory_warning(dve, "bf16", 32, processes, True, available)):  # fmt: skip
+        assert less is None or fits_in(less) > fits, less
+    assert "even --batch 1" in cpu_memory_warning(dve, "fp32", 4, processes, True, 10**8)
+    assert cpu_memory_warning(SMALL, "fp32", 32, processes, True, available) is None  # a small UNet fits
+    unmeasured = replace(SMALL, base_channels=64)
+    assert cpu_memory_warning(unmeasured, "fp32", 32, processes, True, 10**8) is None
+    assert cpu_memory_warning(SMALL, "bf16", 32, processes, True, 10**8) is None  # the small UNet with AMX: unmeasured
+    # Emulated bf16 (a CPU without AMX) takes more than AMX's.
+    amx, emulated = (cpu_memory_warning(dve, p, 32, processes, True, available) for p in ("bf16", "bf16-emulated"))
+    assert emulated and amx and fits_in(emulated) < fits_in(amx), (emulated, amx)
+    assert cpu_memory_warning(dve, "fp32", 32, processes, True, None) is None  # the kernel does not say
 
 
 def test_a_cpu_trainer_warns_when_the_batch_will_not_fit(two_clips, tmp_path, monkeypatch, caplog):
@@ -520,6 +529,42 @@ def test_a_cpu_trainer_warns_when_the_batch_will_not_fit(two_clips, tmp_path, mo
     with caplog.at_level("WARNING", logger="talkedit"):
         Trainer(pack, split_pack(pack), tmp_path / "m.safetensors", TrainOptions(batch=4, arch=SMALL, device="cpu"))
     assert any("training at --batch 4 on this CPU" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_every_named_architecture_has_measured_cpu_memory():
+    from talkedit.train import ARCHITECTURES, CPU_STEP_MIB
+
+    assert {arch for arch, _ in CPU_STEP_MIB} == set(ARCHITECTURES)
+    assert {precision for _, precision in CPU_STEP_MIB} == {"fp32", "bf16", "bf16-emulated"}
+    for fixed, per_kept, per_freed in CPU_STEP_MIB.values():
+        assert fixed > 0 and per_kept > per_freed > 0
+
+
+@pytest.mark.parametrize(
+    ("precision", "amx", "computes"),
+    [("bf16", False, "bf16-emulated"), ("bf16", True, "bf16"), ("auto", False, "fp32")],
+    ids=["bf16 emulated", "bf16 with AMX", "auto without AMX"],
+)
+def test_a_cpu_trainer_says_when_its_bf16_is_emulated(precision, amx, computes, two_clips, tmp_path, monkeypatch,
+                                                       caplog):  # fmt: skip
+    from talkedit import diffusion
+    from talkedit import train as train_module
+    from talkedit.train import step_memory
+
+    monkeypatch.setattr(diffusion, "cpu_has_bf16_matrix_units", lambda: amx)
+    needs = []
+    monkeypatch.setattr(train_module, "room_to_keep_freed_memory", lambda batch, available, need: needs.append(need))
+    pack = read_pack(two_clips)
+    options = TrainOptions(batch=2, arch=SMALL, device="cpu", precision=precision)
+    with caplog.at_level("WARNING", logger="talkedit"):
+        trainer = Trainer(pack, split_pack(pack), tmp_path / "m.safetensors", options)
+    assert trainer.autocast == (None if computes == "fp32" else torch.bfloat16)
+    said = [r.getMessage() for r in caplog.records if "matrix units" in r.getMessage()]
+    assert len(said) == (computes == "bf16-emulated"), caplog.text
+    assert all("slower than in fp32" in m and "--precision fp32" in m for m in said)
+    # Its memory is judged by the figures of what that CPU does (the small UNet in AMX's bf16 has none: None).
+    assert needs == [step_memory(SMALL, computes, 2, 1, kept=True)]
+    assert (needs[0] is None) is (computes == "bf16")
 
 
 def test_a_run_leaves_the_process_group_it_created_and_only_that(two_clips, tmp_path, monkeypatch):
@@ -574,7 +619,7 @@ def test_a_cpu_trainer_keeps_freed_memory_where_there_is_room(room, two_clips, t
     monkeypatch.setattr(train_module, "keep_freed_memory", lambda: kept.append(True) or True)
     pack = read_pack(two_clips)
     Trainer(pack, split_pack(pack), tmp_path / "m.safetensors", TrainOptions(batch=4, arch=SMALL, device="cpu"))
-    assert asked == [(4, 12345, step_memory(SMALL, False, 4, 1, kept=True))]  # the small UNet's measured need
+    assert asked == [(4, 12345, step_memory(SMALL, "fp32", 4, 1, kept=True))]  # the small UNet's measured need
     assert kept == ([True] if room else [])
 
 
