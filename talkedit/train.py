@@ -260,10 +260,10 @@ def available_memory(meminfo: str | os.PathLike = "/proc/meminfo") -> int | None
 def room_to_keep_freed_memory(batch: int, available: int | None, need: int | None = None) -> bool:
     """Whether there is memory for what keep_freed_memory costs: a run that fits without it must not be pushed out of
     memory by it. `available`: bytes free when the trainer starts (the pack is loaded by then). `need`: the step's
-    estimated peak with it (step_memory), where the architecture's figures were measured; else the rule from the
-    paper's UNet in bf16, which took 16.5 GB at the peak at batch 32 with it (13.0 without) and 2.7 GB at batch 4 (the
-    same without) in benchmarks/train.py, and whose GRID s1 run peaked at 23.0 GB in all (18.6 without), with about
-    4.7 GB in use when its trainer started: 0.6 GB per sample and 1.5 GB more."""
+    estimated peak with it (step_memory), where figures were measured for the architecture and precision; else the
+    rule from the paper's UNet in bf16, which took 16.5 GB at the peak at batch 32 with it (13.0 without) and 2.7 GB
+    at batch 4 (the same without) in benchmarks/train.py, and whose GRID s1 run peaked at 23.0 GB in all (18.6
+    without), with about 4.7 GB in use when its trainer started: 0.6 GB per sample and 1.5 GB more."""
     if available is None:
         return False
     return available >= (need if need is not None else 0.6e9 * batch + 1.5e9)
