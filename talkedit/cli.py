@@ -313,7 +313,8 @@ def dub(
     overlap: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
-            min=0, help="Frames over which each chain after a split fades in over the one before (default 0)."
+            min=0,
+            help="Frames over which each chain after a split fades in over the one before (default 3; 0 = none).",
         ),
     ] = None,
     crf: Annotated[int, typer.Option(min=0, max=51, help="x264 quality, lower is better (default 18).")] = 18,

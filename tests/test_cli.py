@@ -53,6 +53,18 @@ def test_every_command_has_help_with_an_example_and_sentences_unbroken():
             assert " ".join(Text.from_markup(paragraph).plain.split()) in lines, (command, paragraph)
 
 
+def test_dub_help_states_the_defaults_dub_uses():
+    """The help spells out defaults that live in the library (the CLI does not import it, to stay instant); a
+    changed default must change its help too."""
+    from talkedit import generate, pipeline
+
+    result = runner.invoke(app, ["dub", "--help"], env={"COLUMNS": "1000"})
+    text = " ".join(result.output.split())
+    assert f"(default: {pipeline.CUDA_BATCH} on CUDA, {pipeline.CPU_BATCH} on CPU)" in text
+    assert f"side by side (default {generate.CHAIN_SECONDS:g})" in text
+    assert f"fades in over the one before (default {generate.CHAIN_OVERLAP};" in text
+
+
 def test_download_weights_list_from_the_console_script(tmp_path):
     proc = run_talkedit("download-weights", "--list", env={"TALKEDIT_HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
