@@ -60,7 +60,10 @@ def line_panel(
     image = np.full((PLOT_H, PLOT_W, 3), 255, np.uint8)
     left, right, top, bottom = 60, PLOT_W - 10, 24, PLOT_H - 28
     cv2.rectangle(image, (left, top), (right, bottom), (180, 180, 180), 1)
-    cv2.putText(image, title, (left, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    scale = 0.45
+    while scale > 0.3 and cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > right - left:
+        scale -= 0.01  # smaller for a title that would run off the panel (text width is not linear in scale)
+    cv2.putText(image, title, (left, 16), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
     values = [v for _, (s, v) in curves.items() if len(v)]
     if not values:
         return image
@@ -93,12 +96,22 @@ def line_panel(
         for p in points if len(points) < 40 else points[-1:]:
             cv2.circle(image, tuple(int(c) for c in p), 2, colour, -1)
         cv2.putText(image, label, (right - 170, top + 16 + 16 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1)
-    for value, y in ((y_hi, top), (y_lo, bottom)):
-        text = f"{10**value if log_y else value:.3g}"
+    high, low = axis_labels(*((10**y_hi, 10**y_lo) if log_y else (y_hi, y_lo)))
+    for text, y in ((high, top), (low, bottom)):
         cv2.putText(image, text, (4, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(image, f"{x_label} {x_lo:g}", (left, PLOT_H - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
     cv2.putText(image, f"{x_hi:g}", (right - 50, PLOT_H - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
     return image
+
+
+def axis_labels(high: float, low: float) -> tuple[str, str]:
+    """The y axis's top and bottom values, with the fewest significant digits (3 to 8) that tell them apart: a loss
+    that has settled spans a narrow range, and two labels both reading 0.158 say nothing."""
+    for digits in range(3, 9):
+        texts = f"{high:.{digits}g}", f"{low:.{digits}g}"
+        if texts[0] != texts[1]:
+            break
+    return texts
 
 
 def plot_metrics(records: list[dict], path: Path) -> None:
