@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional, TypeVar
@@ -196,10 +197,56 @@ class _CountColumn(ProgressColumn):
 
 
 SPEED_WINDOW_SECONDS = 3600  # the ETA's speed: the average over the last hour of updates
+PLAIN_EVERY_SECONDS = 30  # where stderr is a file or a pipe: a stage's progress line at most this often
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class PlainProgress:
+    """Progress as plain lines, for a stderr that is a file or a pipe (`nohup ... > log`, a batch job's log): there
+    rich's live bars print nothing until the end, so a run of hours said nothing for hours. Each stage gets a line
+    when it starts, then at most every PLAIN_EVERY_SECONDS, and when it is done:
+
+        Training: 120/2500 (4 %), 0:05:12 elapsed, ETA 1:43:00; loss 0.0123  2.4 samples/s
+    """
+
+    def __init__(self, console: Console, clock: Callable[[], float]) -> None:
+        self.console, self.clock = console, clock
+        self.started: dict[str, tuple[float, int]] = {}  # stage -> (time, done) of its first update
+        self.notes: dict[str, str] = {}  # stage -> its last note (None in an update keeps it, as on the bars)
+        self.printed: dict[str, float] = {}  # stage -> time of its last line
+        self.finished: set[str] = set()
+
+    def update(self, stage: str, label: str, done: int, total: int, note: str | None, in_bytes: bool) -> None:
+        now = self.clock()
+        t0, done0 = self.started.setdefault(stage, (now, done))
+        if note is not None:
+            self.notes[stage] = note
+        note = self.notes.get(stage)
+        complete = total > 0 and done >= total
+        due = stage not in self.printed or now - self.printed[stage] >= PLAIN_EVERY_SECONDS
+        if stage in self.finished or not (due or complete):
+            return
+        if in_bytes:
+            count = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB"
+        else:
+            count = f"{done}/{total}" + (f" ({100 * done // total} %)" if total else "")
+        eta = "-"
+        if done > done0 and now > t0:
+            eta = _clock((total - done) * (now - t0) / (done - done0))
+        line = f"{label}: {count}, {_clock(now - t0)} elapsed" + ("" if complete else f", ETA {eta}")
+        self.console.print(line + (f"; {note}" if note else ""), highlight=False, markup=False, soft_wrap=True)
+        self.printed[stage] = now
+        if complete:
+            self.finished.add(stage)
 
 
 class StageProgress:
-    """A rich progress bar per pipeline stage (and per download), on stderr. Silent when quiet."""
+    """A rich progress bar per pipeline stage (and per download), on stderr; plain lines now and then where stderr is
+    not a terminal (`plain`, by default when it is not). Silent when quiet."""
 
     LABELS = {
         "analyse": "Finding the face",
@@ -213,7 +260,7 @@ class StageProgress:
         "syncnet": "SyncNet crops",  # eval, LSE-C/D
     }
 
-    def __init__(self, quiet: bool = False) -> None:
+    def __init__(self, quiet: bool = False, plain: bool | None = None) -> None:
         self.quiet = quiet
         self.progress = Progress(
             TextColumn("{task.description:<22}"),
@@ -230,18 +277,22 @@ class StageProgress:
         )
         self.tasks: dict[str, int] = {}
         self.lock = threading.Lock()  # dub generates on one thread and writes on another
+        plain = not stderr.is_terminal if plain is None else plain
+        self.plain = PlainProgress(stderr, time.monotonic) if plain else None
 
     def __call__(self, stage: str, done: int, total: int, note: str | None = None) -> None:
         if self.quiet:
             return
         with self.lock:
+            label = self.LABELS.get(stage, stage.replace("download ", "Downloading "))
+            in_bytes = stage.startswith("download ")
+            if self.plain is not None:
+                self.plain.update(stage, label, done, total, note, in_bytes)
+                return
             if not self.tasks:
                 self.progress.start()  # only once there is something to show: an early error prints alone
             if stage not in self.tasks:
-                label = self.LABELS.get(stage, stage.replace("download ", "Downloading "))
-                self.tasks[stage] = self.progress.add_task(
-                    label, total=total, note="", bytes=stage.startswith("download ")
-                )
+                self.tasks[stage] = self.progress.add_task(label, total=total, note="", bytes=in_bytes)
             fields = {"note": note} if note is not None else {}
             self.progress.update(self.tasks[stage], completed=done, total=max(total, done), **fields)
 

@@ -111,7 +111,7 @@ def test_a_long_progress_note_gives_way_on_an_80_column_terminal():
     """Training's note (loss, validation) once squeezed the bar, the step count and the ETA out of the row."""
     from rich.console import Console
 
-    bars = StageProgress()
+    bars = StageProgress(plain=False)
     bars.progress.add_task("Packing the clips", total=1, completed=1, note="")
     note = "loss 0.0123  301.5 samples/s  val 0.1176  audio-shift ratio 1.006  sampled 0.4898"
     bars.progress.add_task("Training", total=2500, completed=7, note=note)
@@ -126,7 +126,7 @@ def test_downloads_count_in_bytes_and_stages_in_frames(monkeypatch):
     from rich.console import Console
 
     console = Console(width=120, color_system=None, record=True, file=io.StringIO())
-    bars = StageProgress()
+    bars = StageProgress(plain=False)
     monkeypatch.setattr(bars.progress, "start", lambda: None)  # no live display; the table is printed below
     bars("download face-landmarker", 1_900_000, 3_758_596)
     bars("analyse", 7, 250)
@@ -136,11 +136,53 @@ def test_downloads_count_in_bytes_and_stages_in_frames(monkeypatch):
     assert frames.startswith("Finding the face") and "7/250" in frames
 
 
+def test_progress_to_a_log_file_is_plain_lines_now_and_then():
+    """Where stderr is a file or a pipe, rich's bars printed nothing until the end: `talkedit train ... > log 2>&1`
+    said nothing for hours. There each stage gets a line when it starts, then every PLAIN_EVERY_SECONDS, and when
+    it is done."""
+    from rich.console import Console
+
+    from talkedit.cli import PLAIN_EVERY_SECONDS, PlainProgress
+
+    clock = [0.0]
+    out = io.StringIO()
+    plain = PlainProgress(Console(file=out, width=80, color_system=None), lambda: clock[0])
+    plain.update("train", "Training", 0, 2500, "validating", False)
+    for step in range(1, 11):  # a step every 10 s, a note with each
+        clock[0] += 10.0
+        plain.update(
+            "train", "Training", step, 2500, f"loss 0.{step:04d}  2.4 samples/s  val 0.1176  ratio 1.006", False
+        )
+    clock[0] += 10.0
+    plain.update("train", "Training", 11, 2500, None, False)  # no note: the last one stays
+    clock[0] += 10.0
+    plain.update("train", "Training", 2500, 2500, None, False)
+    plain.update("train", "Training", 2500, 2500, None, False)  # done once
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "Training: 0/2500 (0 %), 0:00:00 elapsed, ETA -; validating"
+    assert len(lines) == 1 + 100 // PLAIN_EVERY_SECONDS + 1, lines
+    # at 30 s, 3 steps done in 30 s: 2497 more at 10 s each
+    note = "2.4 samples/s  val 0.1176  ratio 1.006"  # lines longer than the console's 80 columns stay whole
+    assert lines[1] == f"Training: 3/2500 (0 %), 0:00:30 elapsed, ETA 6:56:10; loss 0.0003  {note}", lines[1]
+    assert lines[-1] == f"Training: 2500/2500 (100 %), 0:02:00 elapsed; loss 0.0010  {note}"
+    assert "\x1b" not in out.getvalue()  # no colour codes
+
+
+def test_the_commands_write_plain_progress_to_a_pipe(talkedit_home, tmp_path):
+    from .common import media
+
+    home, _ = talkedit_home
+    proc = run_talkedit("preprocess", str(media("grid_swiz3n_black_male_360x288_25fps.mpg")), "-o", str(tmp_path),
+                        env={"TALKEDIT_HOME": str(home)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Finding the face: 75/75 (100 %)" in proc.stderr and "━" not in proc.stderr, proc.stderr
+
+
 def test_the_eta_shows_when_updates_come_a_minute_apart(monkeypatch):
     """A CPU generates a frame at 50 steps, or takes a training step, about once a minute: rich's default 30 s
     speed window then held one update at a time, and the ETA stayed at -:--:-- for the whole run."""
     clock = [0.0]
-    bars = StageProgress()
+    bars = StageProgress(plain=False)
     monkeypatch.setattr(bars.progress, "start", lambda: None)
     bars.progress.get_time = lambda: clock[0]
     for done in range(1, 4):
