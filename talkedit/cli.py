@@ -208,7 +208,8 @@ def _clock(seconds: float) -> str:
 class PlainProgress:
     """Progress as plain lines, for a stderr that is a file or a pipe (`nohup ... > log`, a batch job's log): there
     rich's live bars print nothing until the end, so a run of hours said nothing for hours. Each stage gets a line
-    when it starts, then at most every PLAIN_EVERY_SECONDS, and when it is done:
+    when it starts, then at most every PLAIN_EVERY_SECONDS, and when it is done; a stage that counts again from the
+    start (eval dubs a clip several times, analyses two videos) starts again:
 
         Training: 120/2500 (4 %), 0:05:12 elapsed, ETA 1:43:00; loss 0.0123  2.4 samples/s
     """
@@ -218,10 +219,16 @@ class PlainProgress:
         self.started: dict[str, tuple[float, int]] = {}  # stage -> (time, done) of its first update
         self.notes: dict[str, str] = {}  # stage -> its last note (None in an update keeps it, as on the bars)
         self.printed: dict[str, float] = {}  # stage -> time of its last line
+        self.done: dict[str, int] = {}  # stage -> its last count
         self.finished: set[str] = set()
 
     def update(self, stage: str, label: str, done: int, total: int, note: str | None, in_bytes: bool) -> None:
         now = self.clock()
+        if done < self.done.get(stage, 0) or (stage in self.finished and done < total):  # a new round
+            for seen in (self.started, self.printed, self.done):
+                seen.pop(stage, None)
+            self.finished.discard(stage)
+        self.done[stage] = done
         t0, done0 = self.started.setdefault(stage, (now, done))
         if note is not None:
             self.notes[stage] = note

@@ -168,6 +168,29 @@ def test_progress_to_a_log_file_is_plain_lines_now_and_then():
     assert "\x1b" not in out.getvalue()  # no colour codes
 
 
+def test_plain_progress_of_a_stage_that_runs_again():
+    """eval --holdout dubs the clip several times under one progress: each round of a stage gets its own lines."""
+    from rich.console import Console
+
+    from talkedit.cli import PlainProgress
+
+    clock = [0.0]
+    out = io.StringIO()
+    plain = PlainProgress(Console(file=out, width=80, color_system=None), lambda: clock[0])
+    for _ in range(2):
+        for done in (1, 2, 3, 4):
+            clock[0] += 1.0
+            plain.update("generate", "Generating the mouth", done, 4, None, False)
+    assert (
+        out.getvalue().splitlines()
+        == [
+            "Generating the mouth: 1/4 (25 %), 0:00:00 elapsed, ETA -",
+            "Generating the mouth: 4/4 (100 %), 0:00:03 elapsed",
+        ]
+        * 2
+    )
+
+
 def test_the_commands_write_plain_progress_to_a_pipe(talkedit_home, tmp_path):
     from .common import media
 
