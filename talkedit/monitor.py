@@ -82,11 +82,13 @@ def line_panel(
         y = bottom - (f(np.maximum(v, 1e-12) if log_y else v) - y_lo) / (y_hi - y_lo) * (bottom - top)
         return np.stack([x, y], 1).round().astype(np.int32)
 
-    for k, (label, (s, v)) in enumerate(curves.items()):
+    legend = []
+    for label, (s, v) in curves.items():
         finite = np.isfinite(v)
         if not finite.any():
             continue
         colour = colours.get(label, (0, 0, 0))
+        legend.append((label, colour))
         # Gaps (NaN: no face, no value) break the line.
         runs = np.split(np.arange(len(v)), np.flatnonzero(np.diff(finite.astype(np.int8))) + 1)
         for run in runs:
@@ -95,12 +97,17 @@ def line_panel(
         points = to_px(s[finite], v[finite])
         for p in points if len(points) < 40 else points[-1:]:
             cv2.circle(image, tuple(int(c) for c in p), 2, colour, -1)
-        cv2.putText(image, label, (right - 170, top + 16 + 16 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1)
     high, low = axis_labels(*((10**y_hi, 10**y_lo) if log_y else (y_hi, y_lo)))
     for text, y in ((high, top), (low, bottom)):
         cv2.putText(image, text, (4, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(image, f"{x_label} {x_lo:g}", (left, PLOT_H - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
     cv2.putText(image, f"{x_hi:g}", (right - 50, PLOT_H - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
+    # The legend goes in the bottom margin, between the x axis's two values, where no curve can hide it.
+    widths = [cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)[0][0] for label, _ in legend]
+    x = (left + right - sum(widths) - 16 * (len(widths) - 1)) // 2
+    for (label, colour), width in zip(legend, widths, strict=True):
+        cv2.putText(image, label, (x, PLOT_H - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
+        x += width + 16
     return image
 
 

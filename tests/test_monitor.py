@@ -22,3 +22,18 @@ def test_a_long_title_stays_inside_the_panel():
     right_edge = band[:, PLOT_W - 8 :]
     assert (right_edge == 255).all(), "the title runs off the right edge"
     assert (band[:, 60:200] < 128).any(), "no title drawn"
+
+
+def test_the_legend_is_outside_the_chart():
+    """It was drawn inside the chart's top right, over the curves that pass there (the report's grey speech curve)."""
+    from talkedit.monitor import PLOT_H
+
+    colours = {"loud": (200, 0, 0), "quiet": (0, 0, 200)}
+    steps = np.arange(10.0)
+    image = line_panel("t", {"loud": (steps, np.ones(10)), "quiet": (steps, np.zeros(10))}, colours=colours)
+    inside = image[26 : PLOT_H - 30, 62 : PLOT_W - 12].astype(int)  # the chart, less its frame and the two curves
+    coloured = np.abs(inside - inside.mean(2, keepdims=True)).max(2) > 40
+    assert not coloured[4:-4].any(), "something coloured inside the chart besides the curves"
+    margin = image[PLOT_H - 24 :].astype(int)
+    for colour in colours.values():
+        assert (np.abs(margin - colour).max(2) < 60).any(), colour
