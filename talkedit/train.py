@@ -587,6 +587,7 @@ class Trainer:
         try:
             if self.step == 0 and self.options.eval_every > 0:
                 last_eval = self._evaluate(metrics)
+                window_start = time.perf_counter()  # samples/s counts the training steps only
             while self.step < self.steps:
                 t = time.perf_counter()
                 loss = self.train_step(self.step)
@@ -608,14 +609,18 @@ class Trainer:
                 if self.options.eval_every > 0 and (
                     self.step % self.options.eval_every == 0 or self.step == self.steps
                 ):
+                    t = time.perf_counter()
                     last_eval = self._evaluate(metrics)
+                    window_start += time.perf_counter() - t  # minutes on a CPU: not a slower step
                 out_of_time = limit is not None and time.perf_counter() - started + 3 * step_seconds + 5 >= limit
                 stop = self.processes.any(self._stop_signal is not None or out_of_time, self.device)
                 if stop and self.step < self.steps:
                     stopped = "time limit" if out_of_time and self._stop_signal is None else "signal"
                     break
                 if self.options.checkpoint_every > 0 and self.step % self.options.checkpoint_every == 0:
-                    self.save_checkpoint(time.perf_counter() - started)
+                    t = time.perf_counter()
+                    self.save_checkpoint(t - started)
+                    window_start += time.perf_counter() - t
         finally:
             self._restore_signals(previous_handlers)
         seconds = time.perf_counter() - started

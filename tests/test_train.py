@@ -225,6 +225,42 @@ def test_progress_counts_every_step_and_notes_the_loss_at_log_steps(two_clips, t
     assert calls[0][1] is None and all(note.startswith("loss ") for _, note in calls[1:]), calls
 
 
+def test_samples_per_second_counts_the_steps_not_the_validation_or_the_checkpoints(two_clips, tmp_path, monkeypatch):
+    """On a CPU a validation takes minutes; the rate logged after it must still be the steps' own, not the steps' and
+    the validation's (a one-step run of the paper's UNet on a CPU logged 0.077 samples/s, its step-0 validation
+    included, where benchmarks/train.py times its steps at 0.58)."""
+    pause, step_seconds = 1.5, []
+    evaluate, save, step = Trainer._evaluate, Trainer.save_checkpoint, Trainer.train_step
+
+    def slow_evaluate(self, metrics):
+        time.sleep(pause)
+        return evaluate(self, metrics)
+
+    def slow_save(self, seconds):
+        time.sleep(pause)
+        save(self, seconds)
+
+    def timed_step(self, index):
+        t = time.perf_counter()
+        loss = step(self, index)
+        step_seconds.append(time.perf_counter() - t)
+        return loss
+
+    monkeypatch.setattr(Trainer, "_evaluate", slow_evaluate)
+    monkeypatch.setattr(Trainer, "save_checkpoint", slow_save)
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    options = TrainOptions(steps=4, batch=2, arch=TEST_ARCH, eval_every=2, eval_samples=2, strip_frames=0,
+                           log_every=2, checkpoint_every=1)  # fmt: skip
+    result = train([two_clips], tmp_path / "m.safetensors", options)
+    records = [json.loads(line) for line in (result.workdir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["samples_per_s"] for r in records if "samples_per_s" in r]
+    # Each log window holds two steps, and a validation (step 0, 2) or a checkpoint (every step) ran before each.
+    assert len(rates) == 2 and len(step_seconds) == 4
+    for rate, seconds in zip(rates, (step_seconds[:2], step_seconds[2:]), strict=True):
+        steps_alone = 2 * options.batch / sum(seconds)
+        assert steps_alone / 2 < rate <= steps_alone * 1.01, (rates, step_seconds)
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_the_shuffled_audio_control_hears_the_batch_s_audio_in_another_order(shuffle, two_clips, tmp_path):
     pack = read_pack(two_clips)
