@@ -583,11 +583,13 @@ class Trainer:
         previous_handlers = self._catch_signals()
         stopped, last_eval = None, None
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        step_seconds = 0.0
+        # The last step's, evaluation's and checkpoint's durations: what --time-limit must leave room for.
+        step_seconds, eval_seconds, save_seconds = 0.0, 0.0, 0.0
         try:
             if self.step == 0 and self.options.eval_every > 0:
                 last_eval = self._evaluate(metrics)
-                window_start = time.perf_counter()  # samples/s counts the training steps only
+                eval_seconds = time.perf_counter() - window_start
+                window_start += eval_seconds  # samples/s counts the training steps only
             while self.step < self.steps:
                 t = time.perf_counter()
                 loss = self.train_step(self.step)
@@ -606,13 +608,15 @@ class Trainer:
                     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
                 else:  # the count and the ETA move every step (a CPU step can take a minute); the note at log steps
                     self.progress("train", self.step, self.steps)
-                if self.options.eval_every > 0 and (
-                    self.step % self.options.eval_every == 0 or self.step == self.steps
-                ):
+                if self._evaluates_after(self.step):
                     t = time.perf_counter()
                     last_eval = self._evaluate(metrics)
-                    window_start += time.perf_counter() - t  # minutes on a CPU: not a slower step
-                out_of_time = limit is not None and time.perf_counter() - started + 3 * step_seconds + 5 >= limit
+                    eval_seconds = time.perf_counter() - t
+                    window_start += eval_seconds  # minutes on a CPU: not a slower step
+                # Stop before the limit, with room for the next step (thrice the last one's time), its evaluation if one
+                # is due (the last one's time: minutes on a CPU), and the checkpoint saved on stopping.
+                ahead = 3 * step_seconds + (eval_seconds if self._evaluates_after(self.step + 1) else 0) + save_seconds
+                out_of_time = limit is not None and time.perf_counter() - started + ahead + 5 >= limit
                 stop = self.processes.any(self._stop_signal is not None or out_of_time, self.device)
                 if stop and self.step < self.steps:
                     stopped = "time limit" if out_of_time and self._stop_signal is None else "signal"
@@ -620,7 +624,8 @@ class Trainer:
                 if self.options.checkpoint_every > 0 and self.step % self.options.checkpoint_every == 0:
                     t = time.perf_counter()
                     self.save_checkpoint(t - started)
-                    window_start += time.perf_counter() - t
+                    save_seconds = time.perf_counter() - t
+                    window_start += save_seconds
         finally:
             self._restore_signals(previous_handlers)
         seconds = time.perf_counter() - started
@@ -632,6 +637,11 @@ class Trainer:
                 self.write_weights(output)
         self.processes.barrier()
         return TrainResult(output, self.step, self.steps, stopped, self.workdir, last_eval, seconds)
+
+    def _evaluates_after(self, step: int) -> bool:
+        """Whether the run evaluates once `step` steps are done (every --eval-every steps, and at the end)."""
+        every = self.options.eval_every
+        return every > 0 and (step % every == 0 or step == self.steps)
 
     def _catch_signals(self) -> dict:
         """Ctrl-C and SIGTERM finish the current step, save a checkpoint and stop (exit 0)."""

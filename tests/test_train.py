@@ -404,6 +404,40 @@ def test_time_limit_stops_at_a_checkpoint_and_the_resumed_run_is_the_uninterrupt
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_time_limit_leaves_room_for_an_evaluation_that_is_due(two_clips, tmp_path, monkeypatch):
+    """A validation takes minutes on a CPU: the run must not start one that would end past --time-limit. On a clock
+    that steps take 10 s of and a validation 100 s, a 200 s limit stops after step 4 (140 s), not after step 5's
+    validation (250 s)."""
+    from talkedit import train as train_module
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            return self.now
+
+    clock, save = Clock(), Trainer.save_checkpoint
+
+    def step(self, index):
+        clock.now += 10
+        return torch.tensor(0.0)
+
+    def evaluate(self, metrics):
+        clock.now += 100
+
+    def save_checkpoint(self, seconds):
+        clock.now += 1
+        save(self, seconds)
+
+    monkeypatch.setattr(train_module, "time", clock)
+    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(Trainer, "_evaluate", evaluate)
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_checkpoint)
+    options = TrainOptions(steps=20, batch=2, arch=TEST_ARCH, eval_every=5, checkpoint_every=0, time_limit=200 / 60)
+    result = train([two_clips], tmp_path / "m.safetensors", options)
+    assert result.stopped == "time limit" and result.steps_done == 4 and result.seconds <= 200, result
+
+
 def test_fine_tuning_an_official_checkpoint_gives_a_model_that_dubs(two_clips, official_dir, talkedit_home, tmp_path):
     checkpoint = official_dir / "735_Network.pth"
     model = tmp_path / "me.safetensors"
