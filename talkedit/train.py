@@ -590,7 +590,9 @@ class Trainer:
                 last_eval = self._evaluate(metrics)
                 eval_seconds = time.perf_counter() - window_start
                 window_start += eval_seconds  # samples/s counts the training steps only
-            while self.step < self.steps:
+                if self.processes.any(self._stop_signal is not None, self.device):
+                    stopped = "signal"  # before the first step, which can take a minute on a CPU
+            while stopped is None and self.step < self.steps:
                 t = time.perf_counter()
                 loss = self.train_step(self.step)
                 self.step += 1
@@ -610,7 +612,7 @@ class Trainer:
                     self.progress("train", self.step, self.steps)
                 if self._evaluates_after(self.step):
                     t = time.perf_counter()
-                    last_eval = self._evaluate(metrics)
+                    last_eval = self._evaluate(metrics) or last_eval  # None when a signal cut it short
                     eval_seconds = time.perf_counter() - t
                     window_start += eval_seconds  # minutes on a CPU: not a slower step
                 # Stop before the limit, with room for the next step (thrice the last one's time), its evaluation if one
@@ -644,7 +646,7 @@ class Trainer:
         return every > 0 and (step % every == 0 or step == self.steps)
 
     def _catch_signals(self) -> dict:
-        """Ctrl-C and SIGTERM finish the current step, save a checkpoint and stop (exit 0)."""
+        """Ctrl-C and SIGTERM finish the current step (or cut a validation short), save a checkpoint, stop (exit 0)."""
         import threading
 
         if threading.current_thread() is not threading.main_thread():
@@ -785,20 +787,36 @@ class Trainer:
             sampling = f", sampling {self.options.strip_frames} mouths" if self.options.strip_frames > 0 else ""
             self.progress("train", self.step, self.steps, f"validating{sampling}")
             model = self.output_model()
-            result = {"step": self.step, **validation_error(model, self.data, self.options.eval_samples)}
-            self._val_note = f"val {result['val_error']:.4f}  audio-shift ratio {result['audio_ratio']:.3f}"
-            if self.options.strip_frames > 0:
-                errors = sample_strip(model, self.data, self.options.strip_frames, self.options.strip_steps,
-                                      self.workdir / f"samples-{self.step:07d}.png")  # fmt: skip
-                result["val_sampled_error"] = float(np.mean(errors))
-                result["val_sampled_error_by_frame"] = errors
-                self._val_note += f"  sampled {result['val_sampled_error']:.4f}"
-            if metrics is not None:
-                metrics.write(result)
-                plot_metrics(metrics.records, self.workdir / "train.png")
-            self.progress("train", self.step, self.steps, self._val_note)
-        self.processes.barrier()
+            try:
+                result = {"step": self.step, **validation_error(model, self.data, self.options.eval_samples,
+                                                                self._check_stop)}  # fmt: skip
+                note = f"val {result['val_error']:.4f}  audio-shift ratio {result['audio_ratio']:.3f}"
+                if self.options.strip_frames > 0:
+                    errors = sample_strip(model, self.data, self.options.strip_frames, self.options.strip_steps,
+                                          self.workdir / f"samples-{self.step:07d}.png", self._check_stop)  # fmt: skip
+                    result["val_sampled_error"] = float(np.mean(errors))
+                    result["val_sampled_error_by_frame"] = errors
+                    note += f"  sampled {result['val_sampled_error']:.4f}"
+            except _Stopping:  # a signal: the run saves a checkpoint and stops, without waiting minutes for this
+                self.progress("train", self.step, self.steps, "validation cut short: stopping")
+                result = None
+            else:
+                self._val_note = note
+                if metrics is not None:
+                    metrics.write(result)
+                    plot_metrics(metrics.records, self.workdir / "train.png")
+                self.progress("train", self.step, self.steps, self._val_note)
+        self.processes.barrier()  # every process gets here, cut short or not, before the next collective call
         return result
+
+    def _check_stop(self) -> None:
+        """Called between the validation's UNet calls: raises _Stopping once Ctrl-C or SIGTERM has come."""
+        if self._stop_signal is not None:
+            raise _Stopping
+
+
+class _Stopping(Exception):
+    """A signal came during a validation, which is cut short so that the run stops within seconds."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

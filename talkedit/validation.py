@@ -8,6 +8,7 @@ Imports only torch, numpy and OpenCV (with samples.py), so it runs wherever trai
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +36,15 @@ def evaluation_set(data: TrainingData, count: int) -> tuple[np.ndarray, np.ndarr
 
 
 @torch.no_grad()
-def validation_error(model: UNet, data: TrainingData, count: int) -> dict:
+def validation_error(model: UNet, data: TrainingData, count: int, check: Callable[[], None] = lambda: None) -> dict:
     """Masked-region error of one-step denoising on validation frames at fixed noise levels (EVAL_STEPS of the
     T = 1000 schedule), with each frame's own audio and with the audio 1 s away.
 
     The error is the mean squared difference, inside the mask, between the true crop and the x̂_0 the model
     implies from one noisy version of it (pixels in [-1, 1]). `audio_ratio` = error with shifted audio / error with
     the true audio: about 1.0 when the model ignores the audio, above 1 when it listens.
+
+    `check` is called before every UNet call (minutes of them on a CPU); it may raise to cut the validation short.
     """
     device = next(model.parameters()).device
     prediction = getattr(model, "diffusion", DiffusionConfig()).prediction
@@ -59,8 +62,11 @@ def validation_error(model: UNet, data: TrainingData, count: int) -> dict:
         x = torch.cat([noisy * mask + (1 - mask) * target, previous, ident], dim=1)
         gamma = torch.full((len(index),), a, device=device)
         for name, audio in audios.items():
-            output = torch.cat([model(x[i : i + 16], gamma[i : i + 16], audio[i : i + 16]).float()
-                                for i in range(0, len(index), 16)])  # fmt: skip
+            chunks = []
+            for i in range(0, len(index), 16):
+                check()
+                chunks.append(model(x[i : i + 16], gamma[i : i + 16], audio[i : i + 16]).float())
+            output = torch.cat(chunks)
             eps_pred = eps_from_output(output, x[:, :3], a, prediction)
             x0 = ((x[:, :3] - math.sqrt(1 - a) * eps_pred) / math.sqrt(a)).clamp(-1, 1)
             errors[name][t] = float(masked_error(x0, target, mask).mean())
@@ -74,13 +80,17 @@ def validation_error(model: UNet, data: TrainingData, count: int) -> dict:
     }
 
 
-def sample_strip(model: UNet, data: TrainingData, count: int, steps: int, path: Path) -> list[float]:
+def sample_strip(
+    model: UNet, data: TrainingData, count: int, steps: int, path: Path, check: Callable[[], None] = lambda: None
+) -> list[float]:
     """Sample the mouth of `count` validation frames (true previous and identity frames, DDIM) and write a strip:
     the originals above, the samples below. (256, 128·count, 3).
 
     Returns each sample's masked error against its original (mean squared difference inside the mask, pixels in
     [-1, 1], as `validation_error`). One-step denoising can score well while sampling from pure noise still
-    leaves noisy mouths; this is the number that shows it."""
+    leaves noisy mouths; this is the number that shows it. `check` is called before the first step and after
+    each; it may raise to cut the sampling short (nothing is written then)."""
+    check()
     index, identity = evaluation_set(data, count)
     target, mask = data.images(index), data.mask(index)
     out = sample_frames(
@@ -95,6 +105,7 @@ def sample_strip(model: UNet, data: TrainingData, count: int, steps: int, path: 
         generator=torch.Generator().manual_seed(0),
         # A measurement: the same on every CPU (not bf16 where there is AMX); on CUDA, fp16 as in a dub.
         precision="auto" if next(model.parameters()).is_cuda else "fp32",
+        callback=lambda _: check(),
     )
 
     def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -438,6 +438,46 @@ def test_time_limit_leaves_room_for_an_evaluation_that_is_due(two_clips, tmp_pat
     assert result.stopped == "time limit" and result.steps_done == 4 and result.seconds <= 200, result
 
 
+@pytest.mark.parametrize("at_step", [0, 2])
+def test_a_signal_during_a_validation_cuts_it_short_and_stops_at_a_checkpoint(at_step, two_clips, tmp_path,
+                                                                               monkeypatch):  # fmt: skip
+    """A validation is minutes of UNet calls on a CPU, longer than a batch system waits after SIGTERM: it must stop
+    at its next UNet call, before the first step when it is the step-0 one."""
+    from talkedit import train as train_module
+    from talkedit.unet import UNet
+
+    calls, validate, forward = (
+        {"validation": 0, "unet after the signal": 0},
+        train_module.validation_error,
+        UNet.forward,
+    )
+
+    def signalled_validation(model, *args, **kwargs):
+        calls["validation"] += 1
+        if calls["validation"] == 1 + at_step // 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler notes it; the validation must not go on
+            calls["signalled"] = True
+        return validate(model, *args, **kwargs)
+
+    def counting_forward(self, *args, **kwargs):
+        if calls.get("signalled"):
+            calls["unet after the signal"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "validation_error", signalled_validation)
+    monkeypatch.setattr(UNet, "forward", counting_forward)
+    options = TrainOptions(steps=6, batch=2, arch=TEST_ARCH, eval_every=2, eval_samples=4, strip_frames=2,
+                           strip_steps=20, checkpoint_every=100)  # fmt: skip
+    result = train([two_clips], tmp_path / "m.safetensors", options)
+    assert result.stopped == "signal" and result.steps_done == at_step and result.output is None, result
+    assert calls["unet after the signal"] == 0, calls
+    assert torch.load(result.workdir / "checkpoint.pt", weights_only=True)["step"] == at_step
+    log = result.workdir / "metrics.jsonl"  # none at all when stopped in the step-0 validation
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    assert at_step not in [r["step"] for r in records if "val_error" in r], records  # no half validation
+    assert not (result.workdir / f"samples-{at_step:07d}.png").exists()
+
+
 def test_fine_tuning_an_official_checkpoint_gives_a_model_that_dubs(two_clips, official_dir, talkedit_home, tmp_path):
     checkpoint = official_dir / "735_Network.pth"
     model = tmp_path / "me.safetensors"
