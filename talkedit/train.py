@@ -143,6 +143,7 @@ class TrainResult:
     workdir: Path
     last_eval: dict | None
     seconds: float
+    signal: int | None = None  # the signal that stopped it (stopped == "signal")
 
 
 # progress(stage, done, total, note)
@@ -638,7 +639,8 @@ class Trainer:
             if main:
                 self.write_weights(output)
         self.processes.barrier()
-        return TrainResult(output, self.step, self.steps, stopped, self.workdir, last_eval, seconds)
+        return TrainResult(output, self.step, self.steps, stopped, self.workdir, last_eval, seconds,
+                           self._stop_signal if stopped == "signal" else None)  # fmt: skip
 
     def _evaluates_after(self, step: int) -> bool:
         """Whether the run evaluates once `step` steps are done (every --eval-every steps, and at the end)."""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from talkedit.errors import WeightsError
 from talkedit.evaluate import evaluate
 from talkedit.holdout import HoldoutOptions, check_model, holdout
 
-from .common import media, run_talkedit
+from .common import media, run_talkedit, talkedit_command
 from .test_bad_input import lavfi
 
 # A numpy warning in eval reaches the user's terminal as noise (a dub without a face once made nanstd warn).
@@ -206,6 +209,34 @@ def test_holdout_fine_tunes_on_the_head_when_asked(talkedit_home, tmp_path):
     provenance = read_weights(tuned).provenance
     assert provenance["steps"] == 2 and provenance["batch"] == 2, provenance  # the dubs used the fine-tuned model
     assert result["cases"]["original"]["reference"]["psnr"] == "inf"  # the tail against itself
+
+
+def test_sigterm_during_the_holdout_fine_tune_ends_eval_as_a_signal_does(talkedit_home, tmp_path):
+    """The fine-tune catches SIGTERM to stop at a checkpoint; eval must then end as on any interruption (exit 143, its
+    temporary files gone), not as a problem with the clip (exit 1)."""
+    clip = media("hdtf_WDA_AOC_female_512_25fps_mpeg4.mp4")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    args = ["eval", "--holdout", str(clip), "--model", str(talkedit_home[1]), "--train-steps", "100000",
+            "--train-batch", "1", "--tail", "2", "--offline"]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "300", "TMPDIR": str(scratch)}
+    proc = subprocess.Popen([*talkedit_command(), *args], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = []
+        for line in proc.stderr:  # a pipe: each stage says it has begun in a plain line
+            lines.append(line)
+            if line.startswith("Training:"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        err = "".join(lines) + proc.communicate(timeout=300)[1]
+    finally:
+        if proc.poll() is None:  # a failed test must not leave a training running behind the others
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "stopped early" not in err, err
+    # torch keeps its kernel cache in TMPDIR on purpose (torchinductor_USER); it is not talkedit's
+    assert [p for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
 def test_train_batch_needs_train_steps(talkedit_home):
