@@ -150,7 +150,7 @@ def _holdout(clip: Path, options: HoldoutOptions, progress: Progress, work: Path
             progress(stage, done, total)  # a Progress takes no note
 
         tuned = train([head_video], work / "finetuned.safetensors", settings, progress=train_progress, build=build)
-        if tuned.signal is not None:  # Ctrl-C or SIGTERM stopped the fine-tune: end as on one anywhere else
+        if tuned.signal is not None:  # Ctrl-C or SIGTERM came during the fine-tune: end as on one anywhere else
             signal.raise_signal(tuned.signal)
         if tuned.output is None:
             raise TalkeditError(f"fine-tuning on the head of {clip} stopped early ({tuned.stopped}).")

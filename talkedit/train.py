@@ -143,7 +143,7 @@ class TrainResult:
     workdir: Path
     last_eval: dict | None
     seconds: float
-    signal: int | None = None  # the signal that stopped it (stopped == "signal")
+    signal: int | None = None  # a Ctrl-C or SIGTERM that came (it stops the run, unless it came in the last step)
 
 
 # progress(stage, done, total, note)
@@ -639,8 +639,7 @@ class Trainer:
             if main:
                 self.write_weights(output)
         self.processes.barrier()
-        return TrainResult(output, self.step, self.steps, stopped, self.workdir, last_eval, seconds,
-                           self._stop_signal if stopped == "signal" else None)  # fmt: skip
+        return TrainResult(output, self.step, self.steps, stopped, self.workdir, last_eval, seconds, self._stop_signal)
 
     def _evaluates_after(self, step: int) -> bool:
         """Whether the run evaluates once `step` steps are done (every --eval-every steps, and at the end)."""
